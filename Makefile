@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install into it; nothing touches the system Python.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch and torchvision must come as a matched pair, in one pip command (smp imports
+# torchvision; an unmatched pair fails with "operator torchvision::nms does not exist").
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+# faiss-gpu where an NVIDIA GPU answers, faiss-cpu elsewhere; never both in one env.
+FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu faiss-gpu-cu12)
+export HF_HUB_OFFLINE ?= 1
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test install bench clean
+
+install: $(VENV)/.installed-$(FAISS_EXTRA)
+
+$(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# keep a user's torch/torchvision pair when it already imports cleanly
+	$(PY) scripts/check_torch_pair.py || $(PY) -m pip install $(TORCH_PAIR)
+	-$(PY) -m pip uninstall -q -y $(FAISS_OTHER) 2>/dev/null
+	$(PY) -m pip install -e ".[dev,$(FAISS_EXTRA)]"
+	$(PY) scripts/check_torch_pair.py
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(VENV)/bin/alges demo --out runs/demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) scripts/bench_scoring.py
+	$(PY) scripts/bench_selection.py
+	$(PY) scripts/bench_pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache

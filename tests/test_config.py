@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from alges_dist.config import STRATEGY_NAMES, Config, ConfigError, load_config
+
+REPO_CONFIGS = sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_demo():
+    cfg = load_config()
+    assert cfg.data.pool == "demo"
+    assert cfg.model.encoder_weights is None
+    assert set(cfg.loop.strategies) <= set(STRATEGY_NAMES)
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 2\n")
+    cfg = load_config(f, ["train.epochs=5", "train.lr=0.01", "loop.strategies=[random, entropy]",
+                          "model.encoder_weights=null"])
+    assert cfg.train.epochs == 5
+    assert cfg.train.lr == pytest.approx(0.01)
+    assert cfg.loop.strategies == ["random", "entropy"]
+    assert cfg.model.encoder_weights is None
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.epochs = 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.epochz=3"], r"train\.epochz"),
+        (["trian.epochs=3"], r"trian"),
+        (["train.epochs=three"], r"train\.epochs"),
+        (["train.lr=-0.1"], r"train\.lr"),
+        (["data.dice_classes=[0, 7]", "data.n_classes=5"], r"dice_classes \[7\]"),
+        (["loop.strategies=[badge]"], r"unknown strategies \['badge'\]"),
+        (["scoring.max_error_rate=2"], r"scoring\.max_error_rate"),
+        (["train.epochs"], r"key\.sub=value"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_file_names_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("selection:\n  devise: cpu\n")
+    with pytest.raises(ConfigError, match=r"selection\.devise"):
+        load_config(f)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_budget_larger_than_pool_fails_before_work():
+    cfg = load_config(None, ["loop.budget=50", "loop.n_rounds=3", "loop.initial_labeled=10"])
+    with pytest.raises(ConfigError, match=r"loop\.budget=50"):
+        cfg.check_pool(n_pool=100, n_classes=cfg.data.n_classes, source="pool.parquet")
+    with pytest.raises(ConfigError, match=r"data\.n_classes=5 but pool.parquet encodes 13"):
+        cfg.check_pool(n_pool=1000, n_classes=13, source="pool.parquet")
+    cfg.check_pool(n_pool=160, n_classes=cfg.data.n_classes, source="pool.parquet")
