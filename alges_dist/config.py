@@ -87,6 +87,7 @@ class TrainConfig(_Section):
 class ScoringConfig(_Section):
     batch_size: int = Field(16, ge=1)
     num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor (also its torch threads).")
     feature_grid: int = Field(1, ge=1)
     projection_dim: int | None = Field(None, ge=1, description="Random projection of alges_img (JL); null = off.")
     projection_seed: int = 0

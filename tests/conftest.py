@@ -28,14 +28,32 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """One local Ray runtime for the whole session (start-up costs 4-6 s and ~0.75 GB).
+    """A local Ray runtime shared by the session (start-up costs 4-6 s and ~0.75 GB).
 
-    4 logical CPUs on 2 cores: a scoring job needs 2 actors plus read tasks at once.
+    Started on first use and kept; a test that needs Ray stopped (the `ray start`
+    cluster test) shuts it down and the next user starts it again. 4 logical CPUs on
+    2 cores: a scoring job needs 2 actors plus read tasks at once.
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_exit():
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory) -> Path:
+    """A small generated demo pool: 4 videos x 12 frames of 64 px (pool 24, val 12, test 12)."""
+    from alges_dist.data.demo import demo_pool
+
+    return demo_pool(tmp_path_factory.mktemp("demo_cache"), seed=0, n_videos=4, frames_per_video=12, size=64)
