@@ -1,0 +1,296 @@
+"""Frame decoding: image and mask files -> arrays -> model input.
+
+Everything that turns a manifest row into pixels lives here, so training, scoring and
+ingest agree on it: :func:`load_image` (bilinear resize), :func:`load_mask` (class ids,
+nearest resize), :func:`normalize_images` (the one place uint8 pixels become the
+model's float input), and :class:`FrameDataset` for training and evaluation.
+
+Sizes are ``(height, width)``, like the arrays. URIs are local paths (absolute
+recommended) or ``scheme://`` URIs opened through ``pyarrow.fs.FileSystem.from_uri``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from alges_dist.data.manifest import MaskEncoding
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FrameDataset",
+    "FrameDecodeError",
+    "decode_mask",
+    "load_frame",
+    "load_image",
+    "load_mask",
+    "normalize_images",
+    "validate_frame",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PIL modes that convert to RGB without losing meaning; 16-bit and float images do not.
+_RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+
+
+class FrameDecodeError(ValueError):
+    """A frame or mask file that cannot be used; the message names the file and why."""
+
+
+# ---------------------------------------------------------------------------- file access
+
+
+def _open(uri: str) -> Image.Image:
+    """Open and fully decode ``uri`` (truncated files fail here, not later)."""
+    try:
+        if "://" in uri:
+            from pyarrow import fs  # local import: only remote URIs need it
+
+            filesystem, path = fs.FileSystem.from_uri(uri)
+            with filesystem.open_input_file(path) as fh:
+                image = Image.open(io.BytesIO(fh.read()))
+        else:
+            image = Image.open(uri)
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, pa.ArrowException) as err:
+        raise FrameDecodeError(f"{uri}: unreadable image ({type(err).__name__}: {err})") from None
+    return image
+
+
+def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+        raise ValueError(f"size must be (height, width) with positive ints, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _rgb_array(image: Image.Image, uri: str) -> np.ndarray:
+    if image.mode not in _RGB_CONVERTIBLE:
+        raise FrameDecodeError(f"{uri}: image mode {image.mode!r} is not an 8-bit colour or grey image")
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+def _resize_rgb(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None or rgb.shape[:2] == size:
+        return rgb
+    return np.array(Image.fromarray(rgb).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def load_image(uri: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image as RGB uint8 ``(H, W, 3)``, resized bilinearly to ``size=(H, W)``.
+
+    Raises FileNotFoundError, or FrameDecodeError naming the file when it cannot be decoded.
+    """
+    size = _check_size(size)
+    rgb = _rgb_array(_open(uri), uri)
+    return _resize_rgb(rgb, size)
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _mask_values(image: Image.Image, encoding: MaskEncoding, uri: str) -> np.ndarray:
+    """Raw mask values: ``(H, W)`` for grey modes, ``(H, W, 3)`` for ``rgb``."""
+    mode = image.mode
+    if encoding.mode == "rgb":
+        if mode not in _RGB_CONVERTIBLE:
+            raise FrameDecodeError(f"{uri}: mask mode {mode!r} cannot be read as colours")
+        return np.asarray(image.convert("RGB"))
+    # Grey modes: palette PNGs hold class indices (VOC convention), so read the indices.
+    if mode in ("L", "P"):
+        return np.asarray(image)
+    if mode == "1":
+        return np.asarray(image.convert("L"))
+    if mode == "LA":
+        return np.asarray(image)[..., 0]
+    if mode in ("RGB", "RGBA", "RGBX"):
+        rgb = np.asarray(image)[..., :3]
+        unequal = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 0] != rgb[..., 2])
+        if unequal.any():
+            y, x = np.argwhere(unequal)[0]
+            raise FrameDecodeError(
+                f"{uri}: mask has colour pixels (first at x={x}, y={y}: {tuple(int(c) for c in rgb[y, x])}); "
+                f"mode '{encoding.mode}' reads grey masks with equal channels; use an 'rgb' class map"
+            )
+        return rgb[..., 0]
+    if mode in ("I", "I;16", "I;16B", "I;16L"):
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            bad = int(values.max()) if values.max() > 255 else int(values.min())
+            raise FrameDecodeError(f"{uri}: mask value {bad} is outside 0..255")
+        return values.astype(np.uint8)
+    raise FrameDecodeError(f"{uri}: mask mode {mode!r} is not supported (expected grey, palette or RGB)")
+
+
+def _unknown_values_error(uri: str, values: list[Any], encoding: MaskEncoding) -> FrameDecodeError:
+    shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+    known = sorted(encoding.class_map, key=lambda k: [int(p) for p in k.split(",")])
+    return FrameDecodeError(
+        f"{uri}: mask value {shown} is not in the class map "
+        f"(mapped: {known}; ignored: {encoding.ignore_values})"
+    )
+
+
+def decode_mask(values: np.ndarray, encoding: MaskEncoding, *, source: str = "mask") -> np.ndarray:
+    """Map raw mask values to class ids uint8 ``(H, W)`` (ignored values -> ``ignore_index``).
+
+    ``values``: ``(H, W)`` integers 0..255 for ``lut``/``threshold``, ``(H, W, 3)`` for
+    ``rgb``. Raises FrameDecodeError naming ``source`` and the first unmapped values.
+    """
+    if encoding.mode == "rgb":
+        if values.ndim != 3 or values.shape[-1] != 3:
+            raise FrameDecodeError(f"{source}: rgb class map needs (H, W, 3) values, got shape {values.shape}")
+        packed = (values[..., 0].astype(np.uint32) << 16) | (values[..., 1].astype(np.uint32) << 8) | values[..., 2]
+        pairs = [(k, v) for k, v in encoding.class_map.items()]
+        pairs += [(k, encoding.ignore_index) for k in encoding.ignore_values]
+        keys = np.array([(r << 16) | (g << 8) | b for r, g, b in (map(int, k.split(",")) for k, _ in pairs)], np.uint32)
+        targets = np.array([v for _, v in pairs], np.uint8)
+        order = np.argsort(keys)
+        keys, targets = keys[order], targets[order]
+        slot = np.clip(np.searchsorted(keys, packed), 0, len(keys) - 1)
+        found = keys[slot] == packed
+        if not found.all():
+            bad = np.unique(packed[~found])
+            colours = [f"({c >> 16},{(c >> 8) & 255},{c & 255})" for c in bad.tolist()]
+            raise _unknown_values_error(source, colours, encoding)
+        return targets[slot]
+
+    if values.ndim != 2:
+        raise FrameDecodeError(f"{source}: grey class map needs (H, W) values, got shape {values.shape}")
+    values = values.astype(np.uint8, copy=False)
+    table = np.full(256, -1, dtype=np.int16)  # -1: not in the map
+    if encoding.mode == "threshold":
+        table[: encoding.threshold + 1] = 0
+        table[encoding.threshold + 1 :] = 1
+    else:
+        for key, class_id in encoding.class_map.items():
+            table[int(key)] = class_id
+    for key in encoding.ignore_values:
+        table[int(key)] = encoding.ignore_index
+    ids = table[values]
+    if (ids < 0).any():
+        raise _unknown_values_error(source, np.unique(values[ids < 0]).tolist(), encoding)
+    return ids.astype(np.uint8)
+
+
+def _resize_ids(ids: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None or ids.shape == size:
+        return ids
+    image = Image.fromarray(ids).resize((size[1], size[0]), Image.Resampling.NEAREST)
+    return np.array(image, dtype=np.uint8)
+
+
+def load_mask(uri: str, encoding: MaskEncoding, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask file as class ids uint8 ``(H, W)``, nearest-resized to ``size=(H, W)``.
+
+    Values outside ``encoding`` raise FrameDecodeError naming the file and the values.
+    """
+    size = _check_size(size)
+    ids = decode_mask(_mask_values(_open(uri), encoding, uri), encoding, source=uri)
+    return _resize_ids(ids, size)
+
+
+def load_frame(
+    image_uri: str, mask_uri: str, encoding: MaskEncoding, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image uint8 ``(H, W, 3)`` and class ids uint8 ``(H, W)`` of one frame, resized together.
+
+    Raises FrameDecodeError when the mask's size differs from the image's (before resizing).
+    """
+    size = _check_size(size)
+    image = _open(image_uri)
+    mask = _open(mask_uri)
+    if image.size != mask.size:
+        raise FrameDecodeError(
+            f"{mask_uri}: mask is {mask.width}x{mask.height} but its image {image_uri} is "
+            f"{image.width}x{image.height} (width x height); they must match"
+        )
+    ids = _resize_ids(decode_mask(_mask_values(mask, encoding, mask_uri), encoding, source=mask_uri), size)
+    return _resize_rgb(_rgb_array(image, image_uri), size), ids
+
+
+def validate_frame(image_uri: str, mask_uri: str | None, encoding: MaskEncoding) -> tuple[int, int]:
+    """Decode a frame (and its mask) fully, as ingest does; return the image's ``(H, W)``.
+
+    Raises FileNotFoundError or FrameDecodeError naming the file: unreadable image,
+    mask value outside the map, mask size differing from the image.
+    """
+    if mask_uri is None:
+        image = _open(image_uri)
+        _rgb_array(image, image_uri)
+        return image.height, image.width
+    rgb, _ = load_frame(image_uri, mask_uri, encoding, None)
+    return rgb.shape[0], rgb.shape[1]
+
+
+# ---------------------------------------------------------------------------- model input
+
+
+def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)``, ImageNet mean/std normalized.
+
+    The single place pixels become model input: training and scoring both call it.
+    Output is on the input's device (numpy input -> CPU).
+    """
+    if isinstance(images, np.ndarray):
+        # torch.from_numpy refuses read-only arrays (np.asarray of a PIL image): copy those
+        images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
+    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    if x.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (raw pixels), got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must have shape (B, H, W, 3), got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+class FrameDataset(Dataset):
+    """Manifest rows as ``(image float32 (3, H, W) normalized, mask int64 (H, W))`` pairs.
+
+    For training and evaluation, so every row needs a mask: pass the labeled rows
+    (``filter_manifest(table, split="pool", labeled=True)``) or val/test rows.
+    Masks keep ``encoding.ignore_index`` for ignored pixels (use it as the loss's
+    ``ignore_index``).
+    """
+
+    def __init__(self, table: pa.Table, encoding: MaskEncoding, size: tuple[int, int] | None = None):
+        self.frame_ids: list[str] = table.column("frame_id").to_pylist()
+        self.image_uris: list[str] = table.column("image_uri").to_pylist()
+        self.mask_uris: list[str | None] = table.column("mask_uri").to_pylist()
+        missing = [f for f, m in zip(self.frame_ids, self.mask_uris) if m is None]
+        if missing:
+            raise ValueError(
+                f"FrameDataset needs a mask for every row; {len(missing)} rows have mask_uri null "
+                f"(first frame_id {missing[0]!r}); filter to labeled or val/test rows first"
+            )
+        self.encoding = encoding
+        self.size = _check_size(size)
+
+    def __len__(self) -> int:
+        return len(self.frame_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb, ids = load_frame(self.image_uris[index], self.mask_uris[index], self.encoding, self.size)
+        image = normalize_images(rgb[None])[0]  # (3, H, W)
+        mask = torch.from_numpy(ids.astype(np.int64))  # (H, W)
+        return image, mask
+
