@@ -74,3 +74,11 @@ def test_budget_larger_than_pool_fails_before_work():
     with pytest.raises(ConfigError, match=r"data\.n_classes=5 but pool.parquet encodes 13"):
         cfg.check_pool(n_pool=1000, n_classes=13, source="pool.parquet")
     cfg.check_pool(n_pool=160, n_classes=cfg.data.n_classes, source="pool.parquet")
+
+
+def test_paper_config_records_the_cholecseg8k_video_split():
+    from alges_dist.data.cholecseg8k import PAPER_SPLIT
+
+    cfg = load_config(REPO_CONFIGS[0].parent / "paper.yaml")
+    assert cfg.data.split_videos == PAPER_SPLIT
+    assert cfg.data.dice_classes == [0, 1, 2, 3, 4, 5, 9, 10] and cfg.data.n_classes == 13

@@ -19,7 +19,8 @@ unsegmented black (0) pixels. Any other value is an error naming the file and va
 Third-party reports on the released archive (see ``CHOLECSEG8K_DECIMAL_ENCODING``) find
 the hex digits of that table stored as decimal values (``#505050`` -> 50, ``#111111``
 -> 11, ...). If ingest rejects values such as 11, 21, 31 or 50, the masks use that
-spelling: pass ``encoding=CHOLECSEG8K_ENCODINGS["decimal"]``.
+spelling: ``alges ingest cholecseg8k --mask-values decimal`` (in Python,
+``encoding=CHOLECSEG8K_ENCODINGS["decimal"]``).
 """
 
 from __future__ import annotations
@@ -247,6 +248,7 @@ def _encoding_hint(message: str, encoding: MaskEncoding) -> str:
         if other != encoding and values <= {int(k) for k in [*other.class_map, *other.ignore_values]}:
             return (
                 f"; these values fit the '{name}' spelling of the class table: "
-                f"pass encoding=CHOLECSEG8K_ENCODINGS['{name}']"
+                f"run `alges ingest cholecseg8k --mask-values {name}` "
+                f"(in Python: encoding=CHOLECSEG8K_ENCODINGS['{name}'])"
             )
     return ""

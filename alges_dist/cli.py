@@ -1,0 +1,146 @@
+"""The ``alges`` command: ingest frames, run active-learning rounds, report.
+
+Every round command takes ``--config FILE``, ``--set key=value`` (repeatable),
+``--pool POOL.parquet`` and ``--out RUN``. Without RAY_ADDRESS it runs on a local Ray
+runtime; with it (``ray job submit`` sets it) the same command runs on the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("alges_dist")
+
+ROUND_COMMANDS = {
+    "train": "train the model of the next pending round (Ray Train, DDP)",
+    "score": "score the pool with the next pending round's model (Ray Data actor pool)",
+    "select": "pick the next query batch from the scores (k-center / k-means++ / top-k / random)",
+    "round": "complete one round (train, evaluate, score, select, label) of each strategy and seed",
+    "run": "run every round of the config; resumes where an earlier run stopped",
+    "demo": "run a few rounds on the generated synthetic pool and print the metric table",
+}
+
+
+def _add_round_args(p: argparse.ArgumentParser, *, default_out: str | None = None) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (default: the built-in demo config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--pool", help='pool manifest (overrides data.pool; "demo" = generated pool)')
+    p.add_argument("--out", type=Path, required=default_out is None, default=default_out,
+                   help="run folder; holds every stage's output and results.csv")
+    p.add_argument("--no-dashboard", action="store_true", help="local mode: do not start the Ray dashboard")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alges",
+        description="Choose which surgical video frames to annotate next (ALGES active learning on Ray).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = sub.add_parser("ingest", help="build a pool manifest (Parquet) from frames and masks",
+                            description="Build a pool manifest: one row per frame, written atomically.")
+    ingest_sub = ingest.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    folder = ingest_sub.add_parser(
+        "folder", help="an image folder and a mask folder paired by file stem",
+        description="Pair images/STEM.* with masks/STEM.*, decode and check every mask, write the manifest. "
+        "Binary 0/255 masks need no flags (> 127 is class 1).")
+    folder.add_argument("--images", type=Path, required=True, help="folder of RGB frames")
+    folder.add_argument("--masks", type=Path, help="folder of masks with the same stems (omit for an unlabeled pool)")
+    folder.add_argument("--out", type=Path, required=True, help="manifest to write (POOL.parquet)")
+    folder.add_argument("--class-map", help='mask value -> class id: "0:0,255:1", "0,0,0:0;255,0,0:1", ">127", '
+                        "or a JSON/YAML file (see alges_dist.data.sources.parse_class_map)")
+    folder.add_argument("--class-names", help="comma-separated class names for --class-map")
+    folder.add_argument("--split", choices=["ranges", "video"], default="ranges",
+                        help="ranges: contiguous blocks in natural file order; video: whole videos per split")
+    folder.add_argument("--fractions", default="0.7,0.15,0.15", help="pool,val,test shares (default 0.7,0.15,0.15)")
+    folder.add_argument("--video-pattern", help="regex on the file stem with a named group 'video' "
+                        "(and optionally 'index'), e.g. '(?P<video>seq\\d+)_(?P<index>\\d+)'")
+    chole = ingest_sub.add_parser(
+        "cholecseg8k", help="the CholecSeg8k folder layout (13 classes, split by video)",
+        description="Read videoNN/videoNN_XXXXX/frame_N_endo.png + frame_N_endo_watershed_mask.png; "
+        "watershed grey values map to class ids 0..12, the white border and black pixels to ignore (255).")
+    chole.add_argument("--root", type=Path, required=True, help="the CholecSeg8k folder")
+    chole.add_argument("--out", type=Path, required=True, help="manifest to write (POOL.parquet)")
+    chole.add_argument("--mask-values", choices=["table", "decimal"], default="table",
+                       help="how the watershed masks spell the class table: 'table' = grey values of the "
+                       "official hex colours (#505050 -> 80), 'decimal' = the hex digits as decimals (50); "
+                       "ingest names the other spelling when the values fit it")
+    chole.add_argument("--config", type=Path, help="take the video split from data.split_videos of this config "
+                       "(default: the recorded paper split, configs/paper.yaml)")
+
+    for name, help_text in ROUND_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_round_args(p, default_out="runs/demo" if name == "demo" else None)
+    return parser
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    if args.source == "folder":
+        from alges_dist.data.sources import ingest_folder, parse_class_map
+
+        names = args.class_names.split(",") if args.class_names else None
+        encoding = parse_class_map(args.class_map, class_names=names) if args.class_map else None
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+        table = ingest_folder(args.images, args.masks, args.out, encoding=encoding, split=args.split,
+                              fractions=fractions, video_pattern=args.video_pattern)
+    else:
+        from alges_dist.config import load_config
+        from alges_dist.data.cholecseg8k import CHOLECSEG8K_ENCODINGS, ingest_cholecseg8k
+
+        split = load_config(args.config).data.split_videos if args.config else None
+        table = ingest_cholecseg8k(args.root, args.out, split_videos=split,
+                                   encoding=CHOLECSEG8K_ENCODINGS[args.mask_values])
+    counts = {s: int(sum(1 for v in table["split"].to_pylist() if v == s)) for s in ("pool", "val", "test")}
+    print(f"wrote {args.out}: {table.num_rows} frames ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    return 0
+
+
+def _rounds(args: argparse.Namespace) -> int:
+    from alges_dist.config import load_config
+    from alges_dist.distributed.runtime import init_ray
+    from alges_dist.loop import Experiment, WaitingForLabels, resolve_pool
+    from alges_dist.report import format_results, plot_learning_curves
+
+    cfg = load_config(args.config, args.overrides)
+    pool = resolve_pool(cfg, args.pool)
+    exp = Experiment(cfg, args.out, pool)  # validates config against the pool first
+    init_ray(dashboard=not args.no_dashboard)
+    until = args.command if args.command in ("train", "score", "select") else None
+    rounds = 1 if args.command in ("round", "train", "score", "select") else None
+    try:
+        for strategy in cfg.loop.strategies:
+            for seed in cfg.loop.seeds:
+                exp.advance(strategy, seed, rounds=rounds, until=until)
+    except WaitingForLabels as waiting:
+        print(waiting)
+        return 3
+    print(format_results(args.out / "results.csv"))
+    if args.command in ("run", "demo"):
+        print(f"learning curves: {plot_learning_curves(args.out / 'results.csv', args.out / 'learning_curves.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _ingest(args) if args.command == "ingest" else _rounds(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        # Bad input: one clear line, not a traceback (-v shows the traceback).
+        if args.verbose:
+            raise
+        print(f"alges {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Connect to Ray: a cluster when RAY_ADDRESS is set, else a local single-node runtime.
+
+The same commands run on a laptop, in CI and on a cluster; only this function differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+def init_ray(*, dashboard: bool = True, num_cpus: int | None = None) -> dict:
+    """Start or join Ray once; returns the cluster's resources.
+
+    With RAY_ADDRESS set (``ray job submit`` sets it), joins that cluster. Otherwise
+    starts a local runtime with this machine's resources and the dashboard bound to
+    127.0.0.1 only.
+    """
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            # A job's runtime_env (working_dir, env_vars) comes from `ray job submit`.
+            log.info("joining Ray cluster at %s", os.environ["RAY_ADDRESS"])
+            ray.init()
+        else:
+            # Local workers inherit this process's environment (HF_HUB_OFFLINE etc.).
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    resources = ray.cluster_resources()
+    log.info(
+        "Ray: %d CPUs, %d GPUs, %.1f GB object store",
+        resources.get("CPU", 0),
+        resources.get("GPU", 0),
+        resources.get("object_store_memory", 0) / 1e9,
+    )
+    return resources
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
