@@ -1,0 +1,535 @@
+"""Per-frame ALGES embeddings and uncertainty scores from one forward pass.
+
+DESIGN "The math". With z the head conv's input (unfolded over its kh x kw taps),
+p the softmax of the logits and y = argmax p the pseudo-label, the cross-entropy of
+pixel (i, j) has the head-weight gradient G_ij = (p_ij - onehot(y_ij)) (outer) z_ij.
+
+- ALGES-img (Eq. 4): the mean of G_ij over (valid) output pixels, i.e. the gradient
+  of the frame's mean pseudo-label cross-entropy with respect to the head weight.
+  Closed form: R = dL/dlogits = (p - onehot(y)) / n_valid, carried back through the
+  head's upsampling (its adjoint, two small matrices), then sum_uv R_uv (outer) z_uv
+  as kh*kw batched matmuls on shifted views of the padded input. No backward pass,
+  no per-pixel K x D tensor.
+- ALGES-sem (Eq. 6): for each class k, the sum over pixels predicted as k of
+  ||G_ij||_F = ||p_ij - onehot(y_ij)||_2 * ||z_ij||_2.
+  Upsampling heads (FPN, DeepLabV3Plus): the pixels are the OUTPUT pixels, the ones
+  the pseudo-labels and the ignore mask live on, and G_ij is the exact gradient of
+  pixel (i, j)'s cross-entropy, whose input vector is the upsampled unfolded z,
+  U(z)_ij. So ALGES-img is still the mean of the same G_ij whose norms ALGES-sem sums,
+  and both are checked against autograd. ||U(z)_ij|| is computed from inner products
+  of neighbouring z vectors at the conv's resolution (a 2x2 neighbourhood for
+  bilinear), never by upsampling z itself.
+- entropy (natural log), margin (p1 - p2) and least_confidence (1 - p1): means over
+  valid pixels. feature: adaptive average pool of z (all pixels) for core-set.
+
+Everything runs under torch.no_grad(): the backbone never requires grad. The model is
+in eval mode for the call (BatchNorm running stats untouched) and its modes are
+restored afterwards. Only the network runs under autocast; the math above is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alges_dist.models import HeadSpec, capture_head_input, head_spec
+
+log = logging.getLogger(__name__)
+
+SCALAR_SCORE_NAMES = ("entropy", "margin", "least_confidence")
+# Every key score_batch can return; "alges_img_proj" only when projection_dim is set.
+SCORE_NAMES = (
+    "alges_img",
+    "alges_img_norms",
+    "alges_sem",
+    *SCALAR_SCORE_NAMES,
+    "feature",
+    "alges_img_proj",
+)
+
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+# Images per chunk of the math: each (images, K, H, W) float32 temporary stays below this
+# many bytes. On the CPU a fresh tensor above glibc's 32 MiB mmap threshold costs page
+# faults every time (measured: exp into a new 42 MB tensor 28 ms, into an existing one
+# 8 ms); below it the allocator reuses memory. CUDA's caching allocator has no such cost.
+_CHUNK_BYTES = {"cpu": 8 << 20}
+_CHUNK_BYTES_DEFAULT = 1 << 30
+
+
+def score_dims(
+    model: nn.Module, *, feature_grid: int = 1, projection_dim: int | None = None
+) -> dict[str, int]:
+    """Length of each score_batch output per frame (1 for scalar scores), without running
+    the model, e.g. for fixed-size-list Parquet schemas.
+
+    Raises:
+        ValueError: as `models.head_spec`, or a bad feature_grid / projection_dim.
+    """
+    _check_options(feature_grid, projection_dim)
+    conv = head_spec(model).conv
+    n_classes, n_inputs = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    dims = {
+        "alges_img": n_classes * n_inputs * kh * kw,
+        "alges_img_norms": n_classes,
+        "alges_sem": n_classes,
+        **{name: 1 for name in SCALAR_SCORE_NAMES},
+        "feature": n_inputs * feature_grid**2,
+    }
+    if projection_dim is not None:
+        dims["alges_img_proj"] = projection_dim
+    return dims
+
+
+def gaussian_projection_matrix(in_dim: int, out_dim: int, *, seed: int) -> torch.Tensor:
+    """The Johnson-Lindenstrauss matrix R (in_dim, out_dim), float32, on the CPU.
+
+    R = torch.randn(in_dim, out_dim, generator=torch.Generator("cpu").manual_seed(seed))
+        / sqrt(out_dim)
+    so E ||x R||^2 = ||x||^2. Drawn on the CPU so that every device projects with the
+    same matrix; reproducible from the seed (for a given torch version, which the round
+    record stores).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    matrix = torch.randn(in_dim, out_dim, generator=generator, dtype=torch.float32)
+    return matrix.div_(math.sqrt(out_dim))
+
+
+class ProjectionCache:
+    """Projection matrices kept between score_batch calls, one per (seed, dims, device).
+
+    Explicit and owned by the caller (a scoring actor holds one for its lifetime), so
+    nothing is global. Without it each call draws R again (milliseconds for K*D x 256).
+    """
+
+    def __init__(self) -> None:
+        self._matrices: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+    def matrix(
+        self, *, seed: int, in_dim: int, out_dim: int, device: torch.device
+    ) -> torch.Tensor:
+        key = (seed, in_dim, out_dim, str(device))
+        if key not in self._matrices:
+            self._matrices[key] = gaussian_projection_matrix(in_dim, out_dim, seed=seed).to(
+                device
+            )
+        return self._matrices[key]
+
+
+def score_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    feature_grid: int = 1,
+    projection_dim: int | None = None,
+    projection_seed: int = 0,
+    valid_mask: torch.Tensor | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    projection_cache: ProjectionCache | None = None,
+) -> dict[str, torch.Tensor]:
+    """ALGES embeddings and uncertainty scores of each frame, from one forward pass.
+
+    Args:
+        model: an smp segmentation model (see `models.head_spec`) with K classes and a
+            head conv of C_in inputs and kh x kw taps; D = C_in * kh * kw.
+        images: (B, 3, H, W) float, normalized as the model expects.
+        feature_grid: the pooled feature is z averaged over a feature_grid^2 grid.
+        projection_dim: also return "alges_img_proj" = alges_img @ R with
+            R = gaussian_projection_matrix(K*D, projection_dim, seed=projection_seed).
+        projection_seed: the seed of R.
+        valid_mask: optional bool (B, H, W) at the output resolution; False pixels (the
+            ignore label) are left out of every per-pixel mean and sum.
+        autocast_dtype: torch.float16 / torch.bfloat16 to run the network under
+            autocast; the scores are computed in float32 either way.
+        projection_cache: where to keep R between calls (see ProjectionCache).
+
+    Returns:
+        float32 tensors on the images' device:
+        "alges_img" (B, K*D): ALGES-img (Eq. 4), in the head weight's (K, C_in, kh, kw)
+            order, bias excluded; "alges_img_norms" (B, K): its per-class row norms;
+        "alges_sem" (B, K): ALGES-sem (Eq. 6); "entropy", "margin", "least_confidence"
+            (B,); "feature" (B, C_in * feature_grid^2); "alges_img_proj"
+            (B, projection_dim) when projection_dim is set.
+
+    Raises:
+        ValueError: bad shapes, dtypes or options; a frame without valid pixels;
+            non-finite scores (NaN/inf in the network's output).
+    """
+    _check_options(feature_grid, projection_dim)
+    _check_images(images, valid_mask, autocast_dtype)
+    spec = head_spec(model)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), capture_head_input(model) as captured:
+            autocast = (
+                torch.autocast(images.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                output = model(images)
+            if captured.value is None:
+                raise ValueError(
+                    f"{type(model).__name__} never called its head conv {spec.conv} in forward"
+                )
+            logits = output[0] if isinstance(output, tuple) else output  # smp aux head
+            scores = head_scores(
+                logits.float(),
+                captured.value.float(),
+                spec,
+                valid_mask=valid_mask,
+                feature_grid=feature_grid,
+            )
+            if projection_dim is not None:
+                cache = projection_cache or ProjectionCache()
+                projection = cache.matrix(
+                    seed=projection_seed,
+                    in_dim=scores["alges_img"].shape[1],
+                    out_dim=projection_dim,
+                    device=images.device,
+                )
+                scores["alges_img_proj"] = scores["alges_img"] @ projection
+    finally:
+        for module, training in modes:
+            module.training = training
+    _check_finite(scores)
+    return scores
+
+
+def head_scores(
+    logits: torch.Tensor,
+    head_input: torch.Tensor,
+    spec: HeadSpec,
+    *,
+    valid_mask: torch.Tensor | None = None,
+    feature_grid: int = 1,
+) -> dict[str, torch.Tensor]:
+    """The scores of score_batch from the network's output and the head conv's input.
+
+    Args:
+        logits: (B, K, H, W) float32, the model's output, spec.upsample(spec.conv(z)).
+            Overwritten: the math reuses its memory.
+        head_input: (B, C_in, h, w) float32, z.
+        spec: the head, from `models.head_spec`.
+        valid_mask: optional bool (B, H, W); see score_batch.
+        feature_grid: see score_batch.
+
+    Returns:
+        score_batch's outputs except "alges_img_proj".
+    """
+    n_images, n_classes, height, width = logits.shape
+    if head_input.shape[0] != n_images or head_input.shape[1] != spec.conv.in_channels:
+        raise ValueError(
+            f"head input has shape {tuple(head_input.shape)}; expected ({n_images}, "
+            f"{spec.conv.in_channels}, h, w) for logits of shape {tuple(logits.shape)}"
+        )
+    if n_classes != spec.conv.out_channels:
+        raise ValueError(
+            f"logits have {n_classes} channels but the head conv has "
+            f"{spec.conv.out_channels} outputs: something after the head changes classes"
+        )
+    upsample = _interpolation_matrices(spec, head_input.shape[2:], logits.device)
+    conv_out_size = tuple(head_input.shape[2:]) if upsample is None else (
+        upsample[0].shape[0], upsample[1].shape[0]
+    )
+    if conv_out_size != (height, width):
+        raise ValueError(
+            f"logits are {height}x{width} but the head conv's output "
+            f"{tuple(head_input.shape[2:])} after {spec.mode} x{spec.scale_factor} "
+            f"upsampling is {conv_out_size[0]}x{conv_out_size[1]}"
+        )
+    pixel_weights = _pixel_weights(valid_mask, n_images, (height, width), logits.device)
+
+    bytes_per_image = n_classes * height * width * 4
+    budget = _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_DEFAULT)
+    per_chunk = max(1, budget // bytes_per_image)
+    chunks = []
+    for start in range(0, n_images, per_chunk):
+        part = slice(start, start + per_chunk)
+        weights = None if pixel_weights is None else pixel_weights[part]
+        chunks.append(
+            _chunk_scores(
+                logits[part], head_input[part], spec.conv.kernel_size, upsample, weights
+            )
+        )
+    scores = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+    pooled = F.adaptive_avg_pool2d(head_input, feature_grid)  # (B, C_in, g, g)
+    scores["feature"] = pooled.flatten(1)
+    return scores
+
+
+def _chunk_scores(
+    logits: torch.Tensor,
+    z: torch.Tensor,
+    kernel_size: tuple[int, int],
+    upsample: tuple[torch.Tensor, torch.Tensor] | None,
+    pixel_weights: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """score_batch's math for a few images; shapes as head_scores (n images).
+
+    upsample: the head's upsampling as (H, h) and (W, w) matrices, None if it has none.
+    """
+    n, n_classes, height, width = logits.shape
+    top = logits.amax(dim=1)  # (n, H, W)
+    label = logits.argmax(dim=1)  # (n, H, W), the pseudo-label y
+    # exp(logit - max): 1 at the label, so the rest of the softmax is computed without
+    # cancellation (1 - p_y = rest_sum / total) even for confident pixels.
+    shifted = logits.sub_(top.unsqueeze(1))  # (n, K, H, W), logit - max
+    rest = shifted.exp()
+    rest.scatter_(1, label.unsqueeze(1), 0.0)  # exp(logit - max) off the label
+    rest_sum = rest.sum(dim=1)  # (n, H, W)
+    total = rest_sum + 1.0  # softmax denominator
+    second = rest.amax(dim=1)  # exp(second logit - max)
+    # sum_k p_k log p_k = sum_{k != y} rest_k * shifted_k / total - log(total)
+    neg_entropy = torch.linalg.vecdot(rest, shifted, dim=1) / total - total.log()
+    pixel_maps = torch.stack(
+        [-neg_entropy, (1.0 - second) / total, rest_sum / total]
+    )  # (3, n, H, W): entropy, margin, least confidence per pixel
+    # ||p - onehot(y)||_2 per pixel
+    residual_norm = torch.sqrt(rest_sum.square() + rest.square().sum(dim=1)) / total
+
+    # dL/dlogits of the frame's mean cross-entropy: (p - onehot(y)) * weight
+    weights = pixel_weights if pixel_weights is not None else logits.new_full((1, 1, 1), 1.0 / (height * width))
+    grad_logits = rest.mul_((weights / total).unsqueeze(1))  # (n, K, H, W)
+    grad_logits.scatter_(1, label.unsqueeze(1), (-rest_sum * weights / total).unsqueeze(1))
+    # carry it back through the upsampling: its adjoint is U_rows^T G U_cols
+    if upsample is not None:
+        up_rows, up_cols = upsample
+        grad_conv = up_rows.T @ (grad_logits @ up_cols)  # (n, K, h, w)
+    else:
+        grad_conv = grad_logits
+    weight_grad = _head_weight_gradient(grad_conv, z, kernel_size)  # (n, K, C_in, kh, kw)
+
+    if upsample is not None:
+        input_norm = _upsampled_unfolded_norms(z, kernel_size, *upsample)  # (n, H, W)
+    else:
+        input_norm = _unfolded_inner_products(z, kernel_size, 0, 0).sqrt_()  # (n, H, W)
+    pixel_grad_norm = residual_norm * input_norm
+    if pixel_weights is not None:
+        pixel_grad_norm = pixel_grad_norm * (pixel_weights > 0)
+    flat_index = label + n_classes * torch.arange(n, device=label.device).view(n, 1, 1)
+    sem = torch.zeros(n * n_classes, device=logits.device, dtype=torch.float32)
+    sem.index_add_(0, flat_index.flatten(), pixel_grad_norm.flatten())
+
+    frame_means = (pixel_maps * weights).sum(dim=(-2, -1))  # (3, n)
+    return {
+        "alges_img": weight_grad.flatten(1),
+        "alges_img_norms": torch.linalg.vector_norm(weight_grad.flatten(2), dim=2),
+        "alges_sem": sem.view(n, n_classes),
+        **{name: frame_means[i] for i, name in enumerate(SCALAR_SCORE_NAMES)},
+    }
+
+
+def _head_weight_gradient(
+    grad_conv: torch.Tensor, z: torch.Tensor, kernel_size: tuple[int, int]
+) -> torch.Tensor:
+    """sum_uv grad_conv[:, k, u, v] * z_pad[:, c, u + a, v + b], the weight gradient of a
+    stride-1 "same" conv, per image: (n, K, h, w), (n, C, h, w) -> (n, K, C, kh, kw).
+
+    One batched matmul per tap on shifted views; no unfolded copy of z.
+    """
+    n, n_classes, height, width = grad_conv.shape
+    n_inputs = z.shape[1]
+    kh, kw = kernel_size
+    pad_h, pad_w = kh // 2, kw // 2
+    pitch = width + 2 * pad_w  # row length of the padded grid
+    # z zero-padded and channels-last, flattened over pixels: (n, (h + 2 pad_h) * pitch, C).
+    # Channels-last makes each tap a plain (pixels, C) slice; MKL multiplies that ~2x
+    # faster than the transposed NCHW view (measured with 2 threads).
+    z_flat = z.new_zeros(n, height + 2 * pad_h, pitch, n_inputs)
+    z_flat[:, pad_h : pad_h + height, pad_w : pad_w + width] = z.permute(0, 2, 3, 1)
+    z_flat = z_flat.view(n, -1, n_inputs)
+    # grad_conv on the same pitch (zero right columns): tap (a, b) is the flat offset
+    # a * pitch + b, and a pixel never wraps into the next row.
+    if pad_w:
+        grad_flat = grad_conv.new_zeros(n, n_classes, height, pitch)
+        grad_flat[..., :width] = grad_conv
+    else:
+        grad_flat = grad_conv
+    length = height * pitch - 2 * pad_w  # the last row's zero columns are never needed
+    grad_flat = grad_flat.reshape(n, n_classes, height * pitch)[:, :, :length]
+    taps = [
+        torch.bmm(grad_flat, z_flat[:, a * pitch + b : a * pitch + b + length])  # (n, K, C)
+        for a in range(kh)
+        for b in range(kw)
+    ]
+    return torch.stack(taps, dim=-1).view(n, n_classes, n_inputs, kh, kw)
+
+
+def _upsampled_unfolded_norms(
+    z: torch.Tensor,
+    kernel_size: tuple[int, int],
+    up_rows: torch.Tensor,
+    up_cols: torch.Tensor,
+) -> torch.Tensor:
+    """||U(unfold(z))_ij||_2 at every output pixel: (n, C, h, w) -> (n, H, W).
+
+    U = up_rows (H, h) on rows, up_cols (W, w) on columns. Each output pixel mixes a few
+    neighbouring conv pixels (a band of `span` rows and columns), so
+    ||U(x)_ij||^2 = sum over pairs of band pixels q, q' of u_q u_q' <x_q, x_q'>,
+    where the inner products of x = unfold(z) at offsets up to span - 1 are maps at the
+    conv's resolution.
+    """
+    row_start, row_weights = _band(up_rows)  # (H,), (H, span_rows)
+    col_start, col_weights = _band(up_cols)  # (W,), (W, span_cols)
+    span_rows, span_cols = row_weights.shape[1], col_weights.shape[1]
+    height, width = z.shape[2:]
+    inner = {
+        (dy, dx): _unfolded_inner_products(z, kernel_size, dy, dx)  # (n, h, w)
+        for dy in range(1 - span_rows, span_rows)
+        for dx in range(1 - span_cols, span_cols)
+    }
+    # columns first: per row offset dy, sum over column pairs at the output columns
+    rows_sq = {}
+    for dy in range(1 - span_rows, span_rows):
+        acc = 0.0
+        for b in range(span_cols):
+            cols = (col_start + b).clamp(max=width - 1)  # weight 0 where clamped
+            for b2 in range(span_cols):
+                pair = col_weights[:, b] * col_weights[:, b2]  # (W,)
+                acc = acc + inner[(dy, b2 - b)][:, :, cols] * pair  # (n, h, W)
+        rows_sq[dy] = acc
+    squared = 0.0
+    for a in range(span_rows):
+        rows = (row_start + a).clamp(max=height - 1)
+        for a2 in range(span_rows):
+            pair = (row_weights[:, a] * row_weights[:, a2]).unsqueeze(1)  # (H, 1)
+            squared = squared + rows_sq[a2 - a][:, rows] * pair  # (n, H, W)
+    return squared.clamp_(min=0.0).sqrt_()
+
+
+def _unfolded_inner_products(
+    z: torch.Tensor, kernel_size: tuple[int, int], dy: int, dx: int
+) -> torch.Tensor:
+    """<unfold(z)_uv, unfold(z)_(u+dy, v+dx)> for every (u, v), 0 where (u+dy, v+dx) is
+    outside: (n, C, h, w) -> (n, h, w). unfold = the kh x kw zero-padded patches."""
+    kh, kw = kernel_size
+    pad_h, pad_w = kh // 2, kw // 2
+    padded = F.pad(z, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else z
+    n, _, hp, wp = padded.shape
+    inner = padded.new_zeros(n, hp, wp)  # <padded_pq, padded_(p+dy, q+dx)>
+    rows = slice(max(0, -dy), hp - max(0, dy))
+    cols = slice(max(0, -dx), wp - max(0, dx))
+    rows_to = slice(rows.start + dy, rows.stop + dy)
+    cols_to = slice(cols.start + dx, cols.stop + dx)
+    inner[:, rows, cols] = torch.linalg.vecdot(
+        padded[:, :, rows, cols], padded[:, :, rows_to, cols_to], dim=1
+    )
+    if kh == kw == 1:
+        return inner
+    # sum over the kernel's taps: a box filter of size (kh, kw), stride 1
+    box = F.avg_pool2d(inner.unsqueeze(1), (kh, kw), stride=1) * (kh * kw)
+    return box.squeeze(1)[:, : z.shape[2], : z.shape[3]]
+
+
+def _band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a banded matrix (n_out, n_in) as (first column (n_out,), weights
+    (n_out, span)), span = the widest run from first to last nonzero."""
+    nonzero = matrix != 0
+    columns = torch.arange(matrix.shape[1], device=matrix.device)
+    first = torch.where(nonzero, columns, matrix.shape[1]).amin(dim=1)
+    last = torch.where(nonzero, columns, -1).amax(dim=1)
+    span = int((last - first).amax().item()) + 1
+    index = (first.unsqueeze(1) + torch.arange(span, device=matrix.device)).clamp(
+        max=matrix.shape[1] - 1
+    )
+    weights = matrix.gather(1, index)
+    # a clamped column repeats the last one: count it once
+    weights = torch.where(first.unsqueeze(1) + torch.arange(span, device=matrix.device) < matrix.shape[1], weights, 0.0)
+    return first, weights
+
+
+def _interpolation_matrices(
+    spec: HeadSpec, conv_size: torch.Size, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The head's upsampling as (H, h) and (W, w) matrices, U(x) = M_rows x M_cols^T,
+    or None when the head does not upsample.
+
+    Built by applying spec.upsample itself to identity images, so they hold exactly
+    the model's interpolation weights.
+    """
+    if spec.upsample is None:
+        return None
+    height, width = conv_size
+    eye_rows = torch.eye(height, device=device)
+    eye_cols = torch.eye(width, device=device)
+    # the identity as `height` one-column images (and `width` one-row images)
+    rows = spec.upsample(eye_rows.view(height, 1, height, 1))[:, 0, :, 0]  # (h, H)
+    cols = spec.upsample(eye_cols.view(width, 1, 1, width))[:, 0, 0, :]  # (w, W)
+    return rows.T.contiguous(), cols.T.contiguous()
+
+
+def _pixel_weights(
+    valid_mask: torch.Tensor | None,
+    n_images: int,
+    size: tuple[int, int],
+    device: torch.device,
+) -> torch.Tensor | None:
+    """valid / n_valid per pixel, (B, H, W) float32, or None when every pixel counts."""
+    if valid_mask is None:
+        return None
+    if valid_mask.shape != (n_images, *size):
+        raise ValueError(
+            f"valid_mask has shape {tuple(valid_mask.shape)}; the model's output needs "
+            f"({n_images}, {size[0]}, {size[1]})"
+        )
+    n_valid = valid_mask.sum(dim=(1, 2))
+    empty = (n_valid == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"valid_mask has no valid pixel in frames {empty} of the batch; leave those "
+            "frames out (they have no prediction to score)"
+        )
+    return valid_mask.to(device=device, dtype=torch.float32) / n_valid.view(-1, 1, 1)
+
+
+def _check_options(feature_grid: int, projection_dim: int | None) -> None:
+    if not isinstance(feature_grid, int) or feature_grid < 1:
+        raise ValueError(f"feature_grid must be an int >= 1, got {feature_grid!r}")
+    if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
+        raise ValueError(f"projection_dim must be None or an int >= 1, got {projection_dim!r}")
+
+
+def _check_images(
+    images: torch.Tensor, valid_mask: torch.Tensor | None, autocast_dtype: torch.dtype | None
+) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        dtype = images.dtype if isinstance(images, torch.Tensor) else None
+        raise ValueError(f"images must be a float (B, 3, H, W) tensor, got {shape} {dtype}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B = 0)")
+    if valid_mask is not None:
+        if valid_mask.dtype != torch.bool:
+            raise ValueError(f"valid_mask must be a bool tensor, got {valid_mask.dtype}")
+        expected = (images.shape[0], *images.shape[2:])
+        if tuple(valid_mask.shape) != expected:
+            raise ValueError(
+                f"valid_mask has shape {tuple(valid_mask.shape)}; expected {expected} "
+                "(batch, height, width of the images)"
+            )
+        if valid_mask.device != images.device:
+            raise ValueError(
+                f"valid_mask is on {valid_mask.device} but images are on {images.device}"
+            )
+    if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"autocast_dtype must be None or one of {_AUTOCAST_DTYPES}, got {autocast_dtype}"
+        )
+
+
+def _check_finite(scores: dict[str, torch.Tensor]) -> None:
+    bad = torch.zeros(next(iter(scores.values())).shape[0], dtype=torch.bool)
+    for value in scores.values():
+        bad |= ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1).cpu()
+    if bad.any():
+        raise ValueError(
+            f"non-finite scores for frames {bad.nonzero().flatten().tolist()} of the batch "
+            "(NaN or inf in the network's output or head input)"
+        )

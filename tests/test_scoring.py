@@ -1,0 +1,271 @@
+"""scoring.py against torch.autograd and numpy, on small smp models (issue 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alges_dist import scoring
+from alges_dist.models import build_model, capture_head_input, head_spec
+from alges_dist.scoring import (
+    SCALAR_SCORE_NAMES,
+    SCORE_NAMES,
+    ProjectionCache,
+    gaussian_projection_matrix,
+    score_batch,
+    score_dims,
+)
+
+ARCHS = ["unet", "fpn", "deeplabv3plus"]  # 3x3 head; 1x1 head + bilinear x4 (two decoders)
+N_CLASSES = 4
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())  # detached by the caller
+
+
+def make_model(arch: str, seed: int = 0, classes: int = N_CLASSES) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(arch, "resnet18", classes, encoder_weights=None)
+        # sharper logits than the default init, so pixels disagree and have confident ones
+        nn.init.normal_(head_spec(model).conv.weight, std=0.5)
+    return model.eval()
+
+
+def make_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def make_mask(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, size, size, generator=torch.Generator().manual_seed(seed)) > 0.3
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request):
+    return request.param, make_model(request.param)
+
+
+def autograd_head_gradient(model, image, mask=None):
+    """d/dW of the frame's mean pseudo-label cross-entropy (valid pixels), full network."""
+    conv = head_spec(model).conv
+    logits = model(image.unsqueeze(0))  # (1, K, H, W)
+    loss = F.cross_entropy(logits, logits.argmax(1), reduction="none")  # (1, H, W)
+    if mask is not None:
+        loss = loss[mask.unsqueeze(0)]
+    (grad,) = torch.autograd.grad(loss.mean(), conv.weight)
+    return grad  # (K, C, kh, kw)
+
+
+def per_pixel_sem(model, image, mask=None):
+    """ALGES-sem by brute force: the head-weight gradient of every pixel's own
+    cross-entropy (autograd through the real head, upsampling included), its norm,
+    summed by predicted class."""
+    spec = head_spec(model)
+    conv = spec.conv
+    with torch.no_grad(), capture_head_input(model) as captured:
+        label = model(image.unsqueeze(0)).argmax(1)  # (1, H, W)
+
+    def pixel_losses(weight):
+        out = F.conv2d(captured.value, weight, conv.bias, padding=conv.padding)
+        if spec.upsample is not None:
+            out = spec.upsample(out)
+        return F.cross_entropy(out, label, reduction="none").flatten()  # (H*W,)
+
+    jac = torch.func.jacrev(pixel_losses)(conv.weight.detach())  # (H*W, K, C, kh, kw)
+    norms = jac.detach().flatten(1).norm(dim=1)
+    if mask is not None:
+        norms = norms * mask.flatten()
+    return torch.zeros(conv.out_channels).index_add_(0, label.flatten(), norms)
+
+
+def test_alges_img_matches_autograd_mean_gradient(arch_model):
+    arch, model = arch_model
+    images = make_images(3)
+    scores = score_batch(model, images)
+    for i in range(3):
+        expected = autograd_head_gradient(model, images[i])
+        assert relative_error(scores["alges_img"][i], expected.flatten()) <= 1e-4, arch
+        torch.testing.assert_close(
+            scores["alges_img_norms"][i], expected.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-7
+        )
+
+
+def test_valid_mask_matches_autograd_masked_loss(arch_model):
+    arch, model = arch_model
+    images, mask = make_images(2, seed=3), make_mask(2, 64, seed=3)
+    scores = score_batch(model, images, valid_mask=mask)
+    for i in range(2):
+        expected = autograd_head_gradient(model, images[i], mask[i])
+        assert relative_error(scores["alges_img"][i], expected.flatten()) <= 1e-4, arch
+    # the mask matters: 10x the tolerance above
+    assert relative_error(score_batch(model, images)["alges_img"], scores["alges_img"]) > 1e-3
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_pixels", "masked"])
+def test_alges_sem_matches_per_pixel_autograd_norms(arch_model, masked):
+    arch, model = arch_model
+    image = make_images(1, size=32, seed=5)
+    mask = make_mask(1, 32, seed=5) if masked else None
+    scores = score_batch(model, image, valid_mask=mask)
+    expected = per_pixel_sem(model, image[0], None if mask is None else mask[0])
+    assert relative_error(scores["alges_sem"][0], expected) <= 1e-4, arch
+
+
+def test_uncertainty_scores_match_numpy_softmax(arch_model):
+    _, model = arch_model
+    images, mask = make_images(2, seed=7), make_mask(2, 64, seed=7)
+    with torch.no_grad():
+        logits = model(images).double().numpy()  # (B, K, H, W)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top2 = np.sort(p, axis=1)[:, ::-1][:, :2]  # (B, 2, H, W)
+    pixel = {
+        "entropy": -(p * np.log(p)).sum(1),
+        "margin": top2[:, 0] - top2[:, 1],
+        "least_confidence": 1.0 - top2[:, 0],
+    }
+    for valid in (None, mask):
+        scores = score_batch(model, images, valid_mask=valid)
+        keep = np.ones((2, 64, 64), bool) if valid is None else valid.numpy()
+        for name in SCALAR_SCORE_NAMES:
+            expected = [pixel[name][i][keep[i]].mean() for i in range(2)]
+            np.testing.assert_allclose(scores[name].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_equals_per_image_and_chunked(arch_model, monkeypatch):
+    _, model = arch_model
+    images, mask = make_images(3, seed=9), make_mask(3, 64, seed=9)
+    batched = score_batch(model, images, valid_mask=mask, feature_grid=2)
+    for i in range(3):
+        single = score_batch(model, images[i : i + 1], valid_mask=mask[i : i + 1], feature_grid=2)
+        for name, value in single.items():  # the network itself differs in the last bits
+            assert relative_error(value[0], batched[name][i]) <= 1e-4, name
+    # the math runs in chunks of images on the CPU: one image per chunk gives the same
+    monkeypatch.setitem(scoring._CHUNK_BYTES, "cpu", 1)
+    chunked = score_batch(model, images, valid_mask=mask, feature_grid=2)
+    for name, value in chunked.items():
+        assert relative_error(value, batched[name]) <= 1e-6, name
+
+
+def test_batch_norm_stats_unchanged_and_train_mode_restored():
+    model = make_model("unet").train()
+    with torch.no_grad():
+        model(make_images(4, seed=11))  # move the running stats away from their init
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    score_batch(model, make_images(2, seed=12))
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_scores_are_deterministic_float32_and_on_image_device():
+    model = make_model("deeplabv3plus")
+    images = make_images(2, seed=13)
+    first = score_batch(model, images, projection_dim=8)
+    second = score_batch(model, images, projection_dim=8)
+    assert set(first) == set(SCORE_NAMES)
+    for name in first:
+        assert first[name].dtype == torch.float32 and first[name].device == images.device
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_projection_reproducible_from_seed_and_equals_documented_matrix():
+    model = make_model("unet")
+    images = make_images(2, seed=14)
+    scores = score_batch(model, images, projection_dim=16, projection_seed=7)
+    in_dim = scores["alges_img"].shape[1]
+    generator = torch.Generator().manual_seed(7)
+    documented = torch.randn(in_dim, 16, generator=generator) / 16**0.5
+    torch.testing.assert_close(gaussian_projection_matrix(in_dim, 16, seed=7), documented)
+    torch.testing.assert_close(scores["alges_img_proj"], scores["alges_img"] @ documented)
+    cache = ProjectionCache()
+    cached = score_batch(model, images, projection_dim=16, projection_seed=7, projection_cache=cache)
+    assert torch.equal(cached["alges_img_proj"], scores["alges_img_proj"])
+    assert cache.matrix(seed=7, in_dim=in_dim, out_dim=16, device=images.device) is cache.matrix(
+        seed=7, in_dim=in_dim, out_dim=16, device=images.device
+    )
+    other = score_batch(model, images, projection_dim=16, projection_seed=8)
+    assert not torch.allclose(other["alges_img_proj"], scores["alges_img_proj"])
+
+
+def test_score_dims_and_feature_match_the_outputs(arch_model):
+    _, model = arch_model
+    images = make_images(2, seed=15)
+    scores = score_batch(model, images, feature_grid=2, projection_dim=5)
+    dims = score_dims(model, feature_grid=2, projection_dim=5)
+    assert dims == {name: value[0].numel() for name, value in scores.items()}
+    assert "alges_img_proj" not in score_dims(model)
+    with torch.no_grad(), capture_head_input(model) as captured:
+        model(images)
+    pooled = F.adaptive_avg_pool2d(captured.value, 2).flatten(1)
+    torch.testing.assert_close(scores["feature"], pooled)
+
+
+class ToyHeadNet(nn.Module):
+    """A 3x3 head followed by upsampling: no smp architecture has it, the math allows it."""
+
+    def __init__(self, mode: str, align_corners: bool | None):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU())
+        up = nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners)
+        self.segmentation_head = nn.Sequential(nn.Conv2d(6, 3, 3, padding=1), up)
+
+    def forward(self, x):
+        return self.segmentation_head(self.body(x))
+
+
+@pytest.mark.parametrize(
+    ("mode", "align_corners"), [("bilinear", False), ("bilinear", True), ("nearest", None)]
+)
+def test_three_by_three_head_with_upsampling_matches_autograd(mode, align_corners):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ToyHeadNet(mode, align_corners)
+    images = make_images(2, size=18, seed=16)
+    scores = score_batch(model, images)
+    for i in range(2):
+        expected = autograd_head_gradient(model, images[i])
+        assert relative_error(scores["alges_img"][i], expected.flatten()) <= 1e-4
+        sem = per_pixel_sem(model, images[i])
+        assert relative_error(scores["alges_sem"][i], sem) <= 1e-4
+
+
+def test_bfloat16_autocast_gives_float32_scores_close_to_float32():
+    model = make_model("fpn")
+    images = make_images(2, seed=17)
+    exact = score_batch(model, images)
+    mixed = score_batch(model, images, autocast_dtype=torch.bfloat16)
+    assert all(value.dtype == torch.float32 for value in mixed.values())
+    assert relative_error(mixed["alges_img"], exact["alges_img"]) < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    model = make_model("deeplabv3plus")
+    images, mask = make_images(2, seed=18), make_mask(2, 64, seed=18)
+    cpu = score_batch(model, images, valid_mask=mask, projection_dim=8)
+    cuda = score_batch(model.cuda(), images.cuda(), valid_mask=mask.cuda(), projection_dim=8)
+    for name, value in cpu.items():
+        assert relative_error(cuda[name].cpu(), value) < 1e-3, name
+
+
+def test_invalid_inputs_raise_with_the_value_received():
+    model = make_model("unet")
+    images = make_images(2, seed=19)
+    empty = torch.ones(2, 64, 64, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"no valid pixel in frames \[1\]"):
+        score_batch(model, images, valid_mask=empty)
+    with pytest.raises(ValueError, match=r"valid_mask has shape \(2, 32, 32\); expected \(2, 64, 64\)"):
+        score_batch(model, images, valid_mask=torch.ones(2, 32, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="images must be a float"):
+        score_batch(model, images[0])
+    with pytest.raises(ValueError, match="projection_dim must be None or an int >= 1, got 0"):
+        score_batch(model, images, projection_dim=0)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        score_batch(model, images, autocast_dtype=torch.float64)
