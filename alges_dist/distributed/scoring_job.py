@@ -1,0 +1,186 @@
+"""Scoring job: Ray Data streams the pool's frames through an actor pool of scorers.
+
+read_parquet(manifest) -> pool rows -> decode + resize (CPU tasks) -> Scorer actors
+(one model load per actor, ``num_gpus=1`` each where GPUs exist) -> score shards
+(Parquet: frame_id, error, every ``score_batch`` output; vectors as fixed-size lists).
+
+A frame that fails to decode keeps its row with ``error`` set and null scores; after the
+job the errors go to ``errors.parquet`` and the job fails only past
+``scoring.max_error_rate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+
+from alges_dist.config import Config
+from alges_dist.data.atomic import atomic_path
+from alges_dist.data.frames import FrameDecodeError, load_image, normalize_images
+from alges_dist.models import build_model
+from alges_dist.scoring import score_batch, score_dims
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_BLOCK_IN_BATCHES = 8
+_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def decode_frames(batch: dict[str, np.ndarray], *, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Ray Data CPU stage: image_uri -> uint8 (B, H, W, 3); undecodable frames get ``error``."""
+    n = len(batch["frame_id"])
+    images = np.zeros((n, size[0], size[1], 3), dtype=np.uint8)  # failed rows are never scored
+    errors = np.full(n, "", dtype=object)
+    for i, uri in enumerate(batch["image_uri"]):
+        try:
+            images[i] = load_image(str(uri), size)
+        except (FrameDecodeError, OSError) as exc:
+            errors[i] = str(exc)
+    return {"frame_id": batch["frame_id"], "image": images, "error": errors}
+
+
+def scores_schema(dims: dict[str, int]) -> pa.Schema:
+    fields = [pa.field("frame_id", pa.string(), nullable=False), pa.field("error", pa.string())]
+    for name, d in dims.items():
+        fields.append(pa.field(name, pa.float32() if d == 1 else pa.list_(pa.float32(), d)))
+    return pa.schema(fields)
+
+
+class Scorer:
+    """Ray Data actor: loads the checkpoint once, scores every batch in one forward pass."""
+
+    def __init__(self, config: dict[str, Any], checkpoint: str, fault_injection: dict[str, Any] | None = None):
+        cfg = Config.model_validate(config)
+        self.opts = cfg.scoring
+        torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
+        self.model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+        self.model.to(self.device).eval()
+        self.dims = score_dims(self.model, feature_grid=self.opts.feature_grid, projection_dim=self.opts.projection_dim)
+        self.schema = scores_schema(self.dims)
+        self.fault = fault_injection or {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.fault and not Path(self.fault["marker"]).exists():
+            Path(self.fault["marker"]).touch()
+            os._exit(1)  # simulated actor loss, for the exactly-once test
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        columns: dict[str, pa.Array] = {
+            "frame_id": pa.array(batch["frame_id"].tolist(), pa.string()),
+            "error": pa.array([None if good else e for good, e in zip(ok, batch["error"])], pa.string()),
+        }
+        scores: dict[str, np.ndarray] = {}
+        if ok.any():
+            images = normalize_images(batch["image"][ok]).to(self.device)
+            out = score_batch(
+                self.model,
+                images,
+                feature_grid=self.opts.feature_grid,
+                projection_dim=self.opts.projection_dim,
+                projection_seed=self.opts.projection_seed,
+                autocast_dtype=_AUTOCAST[self.opts.autocast],
+            )
+            scores = {k: v.float().cpu().numpy() for k, v in out.items()}
+        for name, d in self.dims.items():
+            full = np.zeros((len(ok), d), dtype=np.float32)
+            if ok.any():
+                full[ok] = scores[name].reshape(int(ok.sum()), d)
+            if d == 1:
+                columns[name] = pa.array(full[:, 0], pa.float32(), mask=~ok)
+            else:
+                columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), d, mask=pa.array(~ok))
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+
+class ScoreResult(NamedTuple):
+    scores_dir: Path
+    n_scored: int
+    n_errors: int
+
+
+def score_pool(
+    cfg: Config,
+    manifest: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    use_gpu: bool,
+    fault_injection: dict[str, Any] | None = None,
+) -> ScoreResult:
+    """Score every pool frame of the manifest into ``out_dir/scores`` (written atomically).
+
+    Labeled pool frames are scored too: k-center starts from distances to the labeled
+    set, measured in the current model's embedding.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    final = out_dir / "scores"
+    tmp = out_dir / f".scores-{uuid.uuid4().hex[:8]}"
+    size = tuple(cfg.data.image_size)
+    ds = ray.data.read_parquet(str(Path(manifest).resolve())).select_columns(["frame_id", "image_uri", "split"])
+    ds = ds.filter(expr=col("split") == "pool")  # pushed down into the Parquet read
+    # One manifest file is one block; split it so every actor gets work and a lost
+    # actor redoes one block, not the pool. Rows here are ids and URIs: cheap to shuffle.
+    n_rows = pq.ParquetFile(manifest).metadata.num_rows
+    rows_per_block = cfg.scoring.batch_size * ROWS_PER_BLOCK_IN_BATCHES
+    ds = ds.repartition(max(cfg.scoring.num_actors, -(-n_rows // rows_per_block)))
+    ds = ds.map_batches(decode_frames, fn_kwargs={"size": size}, batch_size=cfg.scoring.batch_size)
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "config": cfg.model_dump(mode="json"),
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "fault_injection": fault_injection,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.scoring.num_actors),
+        batch_size=cfg.scoring.batch_size,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=cfg.scoring.cpus_per_actor,
+    )  # Ray Data restarts a lost actor and retries its unfinished batches (tested)
+    log.info("scoring pool of %s with %d actors (gpu=%s)", manifest, cfg.scoring.num_actors, use_gpu)
+    ds.write_parquet(str(tmp.resolve()))
+    if final.exists():  # an earlier attempt finished writing but the round did not record it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    table = read_scores(final, columns=["frame_id", "error"])
+    failed = table.filter(pc.is_valid(table["error"]))
+    with atomic_path(out_dir / "errors.parquet") as path:
+        pq.write_table(failed, path)
+    rate = failed.num_rows / max(table.num_rows, 1)
+    if failed.num_rows:
+        log.warning("%d of %d frames failed to decode; see %s", failed.num_rows, table.num_rows, out_dir / "errors.parquet")
+    if rate > cfg.scoring.max_error_rate:
+        raise RuntimeError(
+            f"{failed.num_rows} of {table.num_rows} frames ({rate:.1%}) failed to decode, more than "
+            f"scoring.max_error_rate={cfg.scoring.max_error_rate:.1%}; first: {failed['error'][0]} "
+            f"(all listed in {out_dir / 'errors.parquet'})"
+        )
+    return ScoreResult(final, table.num_rows - failed.num_rows, failed.num_rows)
+
+
+def read_scores(scores_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a scoring job as one table."""
+    return pads.dataset(str(scores_dir), format="parquet").to_table(columns=columns)
+
+
+def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list (or scalar) score column as a float32 (N, d) array, zero-copy."""
+    arr = table[column].combine_chunks()
+    if arr.null_count:
+        raise ValueError(f"column {column!r} has {arr.null_count} null rows: drop undecodable frames first")
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    return arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
