@@ -1,0 +1,346 @@
+"""Active-learning rounds: train -> evaluate -> score -> select -> label, resumable.
+
+Run folder layout (every stage's output is kept; a stage whose output exists is done):
+
+    RUN/config.yaml                      resolved config of the run
+    RUN/initial/seed_S/init.pt           initial weights (every retrain starts here)
+    RUN/initial/seed_S/round_00/         round-0 model + eval, shared by all strategies
+    RUN/STRATEGY/seed_S/manifest.parquet this run's labels (labeled_round per frame)
+    RUN/STRATEGY/seed_S/round_RR/        model.pt, eval.json, scores/, errors.parquet,
+                                         selection.parquet, record.json
+    RUN/results.csv                      one row per (strategy, seed, round)
+    RUN/queries.parquet                  one row per picked frame
+
+Outputs are written atomically, so ``alges run`` after a crash resumes from the last
+completed stage and never re-selects or re-labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from alges_dist.config import Config
+from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.demo import demo_pool
+from alges_dist.data.frames import FrameDataset
+from alges_dist.data.manifest import Manifest, filter_manifest, mark_labeled, read_manifest, write_manifest
+from alges_dist.distributed.runtime import cluster_has_gpus
+from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, score_pool
+from alges_dist.distributed.training import initial_weights, train_model
+from alges_dist.evaluation import evaluate
+from alges_dist.models import build_model
+from alges_dist.selection import select
+
+log = logging.getLogger(__name__)
+
+
+class Strategy(NamedTuple):
+    """How a strategy name turns scores into picks."""
+
+    score: str | None  # the score_batch output it ranks or clusters; None: needs no scoring
+    method: str  # a selection method name
+    largest: bool = True  # top-k: pick the largest scores
+    labeled_as_centers: bool = False  # k-center: the labeled set counts as chosen centers
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "random": Strategy(None, "random"),
+    "entropy": Strategy("entropy", "top-k"),
+    "margin": Strategy("margin", "top-k", largest=False),  # small p1 - p2 = uncertain
+    "least-confidence": Strategy("least_confidence", "top-k"),
+    "coreset": Strategy("feature", "kcenter", labeled_as_centers=True),
+    # The paper: k-means++ seeding over the unlabeled frames' embeddings (as BADGE).
+    "alges-img": Strategy("alges_img", "kmeans++"),
+    "alges-img-kcenter": Strategy("alges_img", "kcenter", labeled_as_centers=True),
+    "alges-sem": Strategy("alges_sem", "kmeans++"),
+}
+
+STAGES = ("train", "evaluate", "score", "select", "label")
+
+
+def resolve_pool(cfg: Config, pool: str | Path | None = None) -> Path:
+    """The pool manifest path: --pool, else data.pool ("demo" generates the demo pool)."""
+    pool = pool or cfg.data.pool
+    if str(pool) == "demo":
+        return demo_pool(Path(cfg.data.demo_cache) if cfg.data.demo_cache else None, seed=cfg.data.demo_seed)
+    path = Path(pool)
+    if not path.is_file():
+        raise FileNotFoundError(f"pool manifest {path} does not exist (write one with `alges ingest`)")
+    return path
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "ray", "segmentation-models-pytorch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _round_seed(seed: int, round_index: int) -> int:
+    """Independent selection seed per (seed, round); round -1 draws the initial set."""
+    return int(np.random.SeedSequence([seed, round_index + 1]).generate_state(1)[0])
+
+
+class Experiment:
+    """One run folder: its config, pool and the (strategy, seed) runs inside it."""
+
+    def __init__(self, cfg: Config, out: Path, pool: Path, *, use_gpu: bool | None = None):
+        self.cfg, self.out, self.pool = cfg, Path(out), Path(pool)
+        pool_manifest = read_manifest(self.pool)
+        n_pool = filter_manifest(pool_manifest.table, split="pool").num_rows
+        cfg.check_pool(n_pool, pool_manifest.encoding.n_classes, str(self.pool))
+        self._use_gpu = use_gpu
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.selection.device == "auto" else cfg.selection.device
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        log.info(
+            "experiment %s: pool %s (%d pool frames, %d classes), strategies %s, seeds %s, %d rounds of %d",
+            self.out, self.pool, n_pool, pool_manifest.encoding.n_classes, cfg.loop.strategies, cfg.loop.seeds,
+            cfg.loop.n_rounds, cfg.loop.budget,
+        )
+
+    @property
+    def use_gpu(self) -> bool:
+        if self._use_gpu is None:  # asked of Ray on first use: validation runs before Ray starts
+            self._use_gpu = cluster_has_gpus() if self.cfg.train.use_gpu == "auto" else bool(self.cfg.train.use_gpu)
+        return self._use_gpu
+
+    # ---- paths -------------------------------------------------------------------
+    def run_dir(self, strategy: str, seed: int) -> Path:
+        return self.out / strategy / f"seed_{seed}"
+
+    def round_dir(self, strategy: str, seed: int, r: int) -> Path:
+        return self.run_dir(strategy, seed) / f"round_{r:02d}"
+
+    def model_dir(self, strategy: str, seed: int, r: int) -> Path:
+        # Round 0 trains on the same initial set from the same weights for every
+        # strategy: train and evaluate it once per seed.
+        if r == 0:
+            return self.out / "initial" / f"seed_{seed}" / "round_00"
+        return self.round_dir(strategy, seed, r)
+
+    def manifest_path(self, strategy: str, seed: int) -> Path:
+        return self.run_dir(strategy, seed) / "manifest.parquet"
+
+    # ---- state -------------------------------------------------------------------
+    def initial_manifest(self, seed: int) -> Path:
+        """The pool with the seed's initial labeled set as round 0 (shared by strategies)."""
+        path = self.out / "initial" / f"seed_{seed}" / "manifest.parquet"
+        if path.exists():
+            return path
+        table, encoding = read_manifest(self.pool)
+        if filter_manifest(table, split="pool", labeled=True).num_rows == 0:
+            ids = filter_manifest(table, split="pool", labeled=False)["frame_id"].to_numpy(zero_copy_only=False)
+            picks = select("random", np.zeros(len(ids), bool), self.cfg.loop.initial_labeled, seed=_round_seed(seed, -1))
+            table = mark_labeled(table, ids[picks.indices].tolist(), 0)
+        write_manifest(table, path, encoding)
+        return path
+
+    def manifest(self, strategy: str, seed: int) -> Manifest:
+        path = self.manifest_path(strategy, seed)
+        if not path.exists():
+            table, encoding = read_manifest(self.initial_manifest(seed))
+            write_manifest(table, path, encoding)
+        return read_manifest(path)
+
+    def stage_done(self, stage: str, strategy: str, seed: int, r: int) -> bool:
+        if stage == "train":
+            return (self.model_dir(strategy, seed, r) / "model.pt").exists()
+        if stage == "evaluate":
+            return (self.model_dir(strategy, seed, r) / "eval.json").exists()
+        if stage == "score":
+            return STRATEGIES[strategy].score is None or (self.round_dir(strategy, seed, r) / "scores").exists()
+        if stage == "select":
+            return (self.round_dir(strategy, seed, r) / "selection.parquet").exists()
+        if stage == "label":
+            table = self.manifest(strategy, seed).table
+            return pc.any(pc.equal(table["labeled_round"], r + 1)).as_py() is True
+        raise KeyError(f"unknown stage {stage!r}; valid: {STAGES}")
+
+    def stages(self, r: int) -> tuple[str, ...]:
+        return STAGES[:2] if r == self.cfg.loop.n_rounds else STAGES
+
+    # ---- stages ------------------------------------------------------------------
+    def train(self, strategy: str, seed: int, r: int) -> None:
+        cfg = self.cfg
+        init = initial_weights(cfg, self.out / "initial" / f"seed_{seed}" / "init.pt", seed=cfg.train.seed + seed)
+        if cfg.train.init == "finetune" and r > 0:
+            init = self.model_dir(strategy, seed, r - 1) / "model.pt"
+        manifest = self.initial_manifest(seed) if r == 0 else self.manifest_path(strategy, seed)
+        train_model(cfg, manifest, init_weights=init, out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu)
+
+    def load_model(self, strategy: str, seed: int, r: int) -> torch.nn.Module:
+        cfg = self.cfg
+        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
+        model.load_state_dict(torch.load(self.model_dir(strategy, seed, r) / "model.pt", map_location="cpu"))
+        return model.to(self.device)
+
+    def evaluate(self, strategy: str, seed: int, r: int) -> None:
+        table, encoding = read_manifest(self.pool)
+        test = filter_manifest(table, split="test")
+        loader = torch.utils.data.DataLoader(
+            FrameDataset(test, encoding, tuple(self.cfg.data.image_size)), batch_size=self.cfg.scoring.batch_size
+        )
+        scores = evaluate(
+            self.load_model(strategy, seed, r), loader, n_classes=self.cfg.data.n_classes,
+            dice_classes=self.cfg.data.dice_classes, ignore_index=encoding.ignore_index, device=self.device,
+        )
+        atomic_write_text(self.model_dir(strategy, seed, r) / "eval.json", json.dumps(scores, indent=1))
+
+    def score(self, strategy: str, seed: int, r: int) -> None:
+        score_pool(
+            self.cfg, self.manifest_path(strategy, seed), self.model_dir(strategy, seed, r) / "model.pt",
+            self.round_dir(strategy, seed, r), use_gpu=self.use_gpu,
+        )
+
+    def select(self, strategy: str, seed: int, r: int) -> None:
+        spec, cfg = STRATEGIES[strategy], self.cfg
+        table = self.manifest(strategy, seed).table
+        labeled_ids = set(filter_manifest(table, split="pool", labeled=True)["frame_id"].to_pylist())
+        if spec.score is None:
+            candidates = filter_manifest(table, split="pool", labeled=False).select(["frame_id"])
+        else:
+            scores = read_scores(self.round_dir(strategy, seed, r) / "scores")
+            candidates = scores.filter(pc.is_null(scores["error"]))  # undecodable frames are never picked
+        ids = candidates["frame_id"].to_numpy(zero_copy_only=False)
+        labeled = np.isin(ids, list(labeled_ids))
+        if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
+            candidates, ids, labeled = candidates.filter(pa.array(~labeled)), ids[~labeled], labeled[~labeled]
+        column = spec.score
+        if column == "alges_img" and cfg.scoring.projection_dim:
+            column = "alges_img_proj"
+        values = embedding_matrix(candidates, column) if column else None
+        picked = select(
+            spec.method, labeled, cfg.loop.budget,
+            x=values if spec.method in ("kcenter", "kmeans++") else None,
+            score=values[:, 0] if spec.method == "top-k" else None,
+            largest=spec.largest, seed=_round_seed(seed, r),
+            **self._method_options(spec.method),
+        )
+        out = pa.table({
+            "pick_rank": pa.array(np.arange(len(picked.indices)), pa.int32()),
+            "frame_id": pa.array(ids[picked.indices], pa.string()),
+            "value": pa.array(picked.radii, pa.float32()),
+        })
+        with atomic_path(self.round_dir(strategy, seed, r) / "selection.parquet") as tmp:
+            pq.write_table(out, tmp)
+
+    def _method_options(self, method: str) -> dict[str, Any]:
+        s = self.cfg.selection
+        if method == "kcenter":
+            return {"device": self.device, "backend": s.backend, "storage_dtype": getattr(torch, s.storage_dtype)}
+        if method == "kmeans++":
+            return {"device": self.device, "backend": s.backend, "storage_dtype": getattr(torch, s.storage_dtype),
+                    "local_trials": s.kmeanspp_local_trials}
+        return {}
+
+    def label(self, strategy: str, seed: int, r: int) -> None:
+        picks = pq.read_table(self.round_dir(strategy, seed, r) / "selection.parquet")["frame_id"].to_pylist()
+        manifest = self.manifest(strategy, seed)
+        if self.cfg.loop.oracle == "human":
+            raise WaitingForLabels(
+                f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation "
+                f"(listed in {self.round_dir(strategy, seed, r) / 'selection.parquet'}); import the masks, "
+                f"then run the same command again"
+            )
+        rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
+        missing = rows.filter(pc.is_null(rows["mask_uri"]))["frame_id"].to_pylist()
+        if missing:
+            raise ValueError(f"simulated oracle: frames {missing[:5]} have no mask_uri in {self.pool}")
+        table = mark_labeled(manifest.table, picks, r + 1)
+        write_manifest(table, self.manifest_path(strategy, seed), manifest.encoding)
+
+    # ---- driving -----------------------------------------------------------------
+    def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None,
+                on_stage: Callable[[str, str, int, int], None] | None = None) -> bool:
+        """Run pending stages in order; stop after ``rounds`` completed rounds or stage ``until``.
+
+        Returns True when this (strategy, seed) has finished every round.
+        """
+        self.manifest(strategy, seed)  # create the run's manifest from the initial set
+        completed = 0
+        for r in range(self.cfg.loop.n_rounds + 1):
+            pending = [s for s in self.stages(r) if not self.stage_done(s, strategy, seed, r)]
+            for stage in pending:
+                log.info("%s seed %d round %d: %s", strategy, seed, r, stage)
+                getattr(self, stage)(strategy, seed, r)
+                if on_stage:
+                    on_stage(stage, strategy, seed, r)
+                if stage == until:
+                    self.write_outputs()
+                    return False
+            if pending:
+                self.write_record(strategy, seed, r)
+                completed += 1
+                if rounds is not None and completed >= rounds:
+                    self.write_outputs()
+                    return r == self.cfg.loop.n_rounds
+        self.write_outputs()
+        return True
+
+    def write_record(self, strategy: str, seed: int, r: int) -> None:
+        table = self.manifest(strategy, seed).table
+        n_labeled = pc.sum(pc.less_equal(table["labeled_round"], r)).as_py() or 0
+        record = {
+            "strategy": strategy, "seed": seed, "round": r, "n_labeled": n_labeled,
+            **json.loads((self.model_dir(strategy, seed, r) / "eval.json").read_text()),
+            "config": self.cfg.model_dump(mode="json"),
+            "selection_seed": _round_seed(seed, r), "projection_seed": self.cfg.scoring.projection_seed,
+            "versions": package_versions(),
+        }
+        atomic_write_text(self.round_dir(strategy, seed, r) / "record.json", json.dumps(record, indent=1))
+
+    def write_outputs(self) -> None:
+        """Rebuild RUN/results.csv and RUN/queries.parquet from the round folders."""
+        rows, queries = [], []
+        for strategy in self.cfg.loop.strategies:
+            for seed in self.cfg.loop.seeds:
+                for r in range(self.cfg.loop.n_rounds + 1):
+                    rec = self.round_dir(strategy, seed, r) / "record.json"
+                    if rec.exists():
+                        d = json.loads(rec.read_text())
+                        rows.append({k: d[k] for k in RESULT_COLUMNS})
+                    sel = self.round_dir(strategy, seed, r) / "selection.parquet"
+                    if sel.exists():
+                        t = pq.read_table(sel)
+                        n = t.num_rows
+                        queries.append(pa.table({
+                            "strategy": [strategy] * n, "seed": pa.array([seed] * n, pa.int32()),
+                            "round": pa.array([r] * n, pa.int32()), "pick_rank": t["pick_rank"],
+                            "frame_id": t["frame_id"], "value": t["value"],
+                        }))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.out / "results.csv", buf.getvalue())
+        if queries:
+            with atomic_path(self.out / "queries.parquet") as tmp:
+                pq.write_table(pa.concat_tables(queries), tmp)
+
+
+RESULT_COLUMNS = ["strategy", "seed", "round", "n_labeled", "dice", "miou", "mdice"]
+
+
+class WaitingForLabels(RuntimeError):
+    """The human oracle has frames to annotate; the run resumes once they are imported."""

@@ -1,0 +1,123 @@
+"""The round through the `alges` CLI: full runs, resume after a crash, outputs people read."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from alges_dist.cli import ROUND_COMMANDS, main
+from alges_dist.data.manifest import filter_manifest, read_manifest
+from alges_dist.loop import STRATEGIES, Experiment
+from alges_dist.config import STRATEGY_NAMES
+
+FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",
+        "loop.budget=3", "loop.n_rounds=2", "scoring.batch_size=8"]
+
+
+def _args(cmd, pool, out, *extra):
+    sets = [a for s in [*FAST, *extra] for a in ("--set", s)]
+    return [cmd, "--pool", str(pool), "--out", str(out), "--no-dashboard", *sets]
+
+
+def _results(out):
+    with open(out / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_strategy_registry_matches_config_names():
+    assert set(STRATEGIES) == set(STRATEGY_NAMES)
+
+
+def test_help_explains_every_command():
+    res = subprocess.run([sys.executable, "-m", "alges_dist.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    for cmd in [*ROUND_COMMANDS, "ingest"]:
+        assert cmd in res.stdout
+    for cmd in [*ROUND_COMMANDS, "ingest folder", "ingest cholecseg8k"]:
+        res = subprocess.run([sys.executable, "-m", "alges_dist.cli", *cmd.split(), "--help"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0 and "--out" in res.stdout, cmd
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_full_run_of_two_rounds_writes_results_and_queries(ray_local, demo_manifest, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args("run", demo_manifest, out, "loop.strategies=[random, alges-img-kcenter]")) == 0
+    rows = _results(out)
+    assert [(r["strategy"], r["round"]) for r in rows] == [
+        (s, str(r)) for s in ("random", "alges-img-kcenter") for r in range(3)]
+    assert [int(r["n_labeled"]) for r in rows[:3]] == [4, 7, 10]
+    for r in rows:
+        assert 0 <= float(r["dice"]) <= 1 and 0 <= float(r["miou"]) <= 1
+    # round 0 is shared: same initial set and weights for every strategy
+    assert len({r["dice"] for r in rows if r["round"] == "0"}) == 1
+    queries = pq.read_table(out / "queries.parquet").to_pylist()
+    assert len(queries) == 2 * 2 * 3
+    table, _ = read_manifest(out / "alges-img-kcenter" / "seed_0" / "manifest.parquet")
+    labeled = filter_manifest(table, split="pool", labeled=True)
+    rounds = dict(zip(labeled["frame_id"].to_pylist(), labeled["labeled_round"].to_pylist()))
+    for q in queries:
+        if q["strategy"] == "alges-img-kcenter":
+            assert rounds[q["frame_id"]] == q["round"] + 1  # each pick labeled in the next round
+    initial = {f for f, r in rounds.items() if r == 0}
+    assert not initial & {q["frame_id"] for q in queries}  # never re-picks a labeled frame
+    assert (out / "learning_curves.png").stat().st_size > 0
+    assert "alges-img-kcenter" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_interrupted_after_selection_resumes_without_reselecting(ray_local, demo_manifest, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "run"
+    args = _args("run", demo_manifest, out, "loop.strategies=[coreset]", "loop.n_rounds=1")
+    calls = []
+
+    def crash(self, strategy, seed, r):
+        calls.append(r)
+        raise KeyboardInterrupt("simulated crash between select and label")
+
+    with monkeypatch.context() as m:
+        m.setattr(Experiment, "label", crash)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    selection = out / "coreset" / "seed_0" / "round_00" / "selection.parquet"
+    first = pq.read_table(selection)
+    stamp = selection.stat().st_mtime_ns
+    scores_stamp = (out / "coreset" / "seed_0" / "round_00" / "scores").stat().st_mtime_ns
+    assert main(args) == 0
+    assert selection.stat().st_mtime_ns == stamp  # not selected again
+    assert (out / "coreset" / "seed_0" / "round_00" / "scores").stat().st_mtime_ns == scores_stamp
+    table, _ = read_manifest(out / "coreset" / "seed_0" / "manifest.parquet")
+    labeled_1 = sorted(f for f, r in zip(table["frame_id"].to_pylist(), table["labeled_round"].to_pylist())
+                       if r == 1)
+    assert labeled_1 == sorted(first["frame_id"].to_pylist())
+    assert [r["round"] for r in _results(out)] == ["0", "1"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_stage_commands_stop_after_their_stage(ray_local, demo_manifest, tmp_path):
+    out = tmp_path / "run"
+    base = ("loop.strategies=[margin]", "loop.n_rounds=1")
+    round0 = out / "margin" / "seed_0" / "round_00"
+    assert main(_args("train", demo_manifest, out, *base)) == 0
+    assert (out / "initial" / "seed_0" / "round_00" / "model.pt").exists() and not round0.exists()
+    assert main(_args("score", demo_manifest, out, *base)) == 0
+    assert (round0 / "scores").is_dir() and not (round0 / "selection.parquet").exists()
+    assert main(_args("select", demo_manifest, out, *base)) == 0
+    assert pq.read_table(round0 / "selection.parquet").num_rows == 3
+    assert main(_args("round", demo_manifest, out, *base)) == 0
+    assert [r["round"] for r in _results(out)] == ["0"]
+
+
+def test_bad_config_fails_before_any_work(demo_manifest, tmp_path, capsys):
+    code = main(_args("run", demo_manifest, tmp_path / "run", "loop.budget=500"))
+    assert code == 2
+    assert "loop.budget=500" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
