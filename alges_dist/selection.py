@@ -1,0 +1,598 @@
+"""Selection: turn per-frame embeddings or scores into the query batch (DESIGN "Selection").
+
+One engine for k-center greedy and k-means++ seeding: a vector of min squared distances
+from every pool row to the chosen set, kept on the device. It starts as the distance to
+the labeled set (chunked kNN, k=1, faiss or torch) and each pick costs one pass over the
+rows (a matrix-vector product) plus O(N) vector work. Never an N x N or N x labeled matrix.
+The greedy loops stay on the device; results move to the host once, at the end.
+``PoolShard`` holds one block of rows; ``distributed/sharded_selection.py`` runs the same
+pieces on Ray actors, one shard each.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss", "torch")
+STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# faiss knn_gpu scratch space; bounded so selection fits beside a training job on the GPU.
+FAISS_GPU_TEMP_MEMORY_BYTES = 256 * 2**20
+_N_AUG = 6  # half storage: three terms of ||x||^2 and three ones columns appended to each row
+
+
+class Selection(NamedTuple):
+    """The query batch.
+
+    indices: (B,) int64, pick order, indices into the full pool of N rows.
+    radii: (B,) float32, Euclidean distance from the pick to the chosen set (labeled rows
+        plus earlier picks) at pick time: the covering-radius curve. inf for a first pick
+        made with no labeled rows; NaN for "top-k" and "random".
+    n_random_fill: picks made by seeded random fill because every remaining distance was 0.
+    backend: "faiss"/"torch" (labeled-set kNN) for distance methods, "" otherwise.
+    """
+
+    indices: np.ndarray
+    radii: np.ndarray
+    n_random_fill: int = 0
+    backend: str = ""
+
+
+# ---- validation ------------------------------------------------------------------------
+def as_rows(x: Any) -> torch.Tensor:
+    """x as a 2-D floating torch tensor without copying (numpy arrays are wrapped)."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # read-only memmaps are fine: rows are never written
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a numpy array or torch tensor of shape (N, d), got {type(x).__name__}")
+    if x.ndim != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, d) array, got shape {tuple(x.shape)} and dtype {x.dtype}")
+    return x
+
+
+def check_labeled_mask(labeled_mask: Any, n: int | None = None) -> np.ndarray:
+    """labeled_mask as a numpy bool (N,) array; n: the pool size it must match (None: any)."""
+    mask = labeled_mask.cpu().numpy() if isinstance(labeled_mask, torch.Tensor) else np.asarray(labeled_mask)
+    if mask.dtype != np.bool_ or mask.ndim != 1 or (n is not None and mask.shape[0] != n):
+        raise ValueError(f"labeled_mask must be a boolean array of shape ({n if n is not None else 'N'},), "
+                         f"got dtype {mask.dtype} and shape {mask.shape}")
+    return mask
+
+
+def check_budget(budget: Any, n_unlabeled: int) -> int:
+    """The number of picks to make: budget, or all unlabeled rows (with a warning) when fewer."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    if budget >= n_unlabeled:
+        warnings.warn(f"budget {budget} >= the {n_unlabeled} unlabeled rows: selecting all of them", stacklevel=3)
+        return n_unlabeled
+    return int(budget)
+
+
+def nonfinite_rows(rows: torch.Tensor, chunk_size: int, offset: int = 0) -> tuple[int, list[int]]:
+    """(count, first five global indices) of rows holding NaN or inf."""
+    count, first = 0, []
+    for a in range(0, rows.shape[0], chunk_size):
+        bad = torch.nonzero(~torch.isfinite(rows[a:a + chunk_size]).all(dim=1)).flatten()
+        count += bad.numel()
+        first += (bad[:5 - len(first)] + a + offset).tolist() if len(first) < 5 else []
+    return count, first
+
+
+def raise_nonfinite(count: int, first: list[int]) -> None:
+    if count:
+        raise ValueError(f"x has NaN or inf in {count} rows (first: {first}); "
+                         "drop or re-embed those frames before selection")
+
+
+def resolve_storage_dtype(storage_dtype: Any) -> torch.dtype:
+    dtype = STORAGE_DTYPES.get(storage_dtype, storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
+    if dtype not in STORAGE_DTYPES.values():
+        raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    return dtype
+
+
+def resolve_device(device: Any, x: torch.Tensor | None = None) -> torch.device:
+    if device == "auto":
+        if x is not None and x.is_cuda:
+            return x.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto': faiss knn_gpu on CUDA when faiss has GPU support, else torch.
+
+    On this project's CPU machine faiss-cpu's bundled OpenBLAS kNN is 3-5x slower than
+    torch (ENVIRONMENT.md, "faiss-cpu"), so CPU defaults to torch; backend="faiss" forces it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "faiss" if device.type == "cuda" and faiss_has_gpu() else "torch"
+    if backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError as e:
+            raise ValueError("backend='faiss' needs faiss (pip install faiss-cpu or faiss-gpu); "
+                             "or use backend='torch'") from e
+        if device.type == "cuda" and not faiss_has_gpu():
+            raise ValueError(f"backend='faiss' on {device} needs a GPU build of faiss; use backend='torch'")
+    return backend
+
+
+# ---- the engine: one block of rows on one device ------------------------------------------
+class PoolShard:
+    """Rows [offset, offset + n) of the pool on one device, in storage form, with their min
+    squared distance to the chosen set.
+
+    float32/float64 storage keeps the rows as given (no copy for a contiguous float32 array
+    on the device) and computes ||x||^2 - 2 x.c + ||c||^2 with one addmv per pick.
+    Half storage (bfloat16/float16) holds x' = (x - shift) * scale, |x'| <= 1, with ||x'||^2
+    appended as three half terms (hi, mid, lo) and three ones columns, so one native half mv
+    returns ||x' - c'||^2 itself: the output rounding is relative to the distance, not to the
+    norms, and no float32 copy of the rows is made per pick (half the bytes of float32).
+    Values below the expansion's rounding error (tol * (||x||^2 + ||c||^2)) count as 0, so
+    duplicates are at distance 0 exactly.
+    """
+
+    def __init__(self, rows: torch.Tensor, *, offset: int, device: torch.device,
+                 storage_dtype: torch.dtype, shift: torch.Tensor | None, scale: float, chunk_size: int):
+        n, d = rows.shape
+        self.n, self.d, self.offset, self.device, self.chunk_size = n, d, offset, device, chunk_size
+        self.storage_dtype, self.scale, self.augmented = storage_dtype, scale, storage_dtype in HALF_DTYPES
+        self.compute_dtype = torch.float64 if storage_dtype == torch.float64 else torch.float32
+        self.tol = 64 * torch.finfo(self.compute_dtype).eps
+        if self.augmented:
+            d_store = -(-(d + _N_AUG) // 8) * 8  # rows padded to 16 bytes
+            self.x = torch.zeros(n, d_store, dtype=storage_dtype, device=device)
+            shift, input_sq = shift.to(device, torch.float32), []
+            for a in range(0, n, chunk_size):
+                b = min(a + chunk_size, n)
+                xc = rows[a:b].to(device, torch.float32)
+                input_sq.append(xc.double().pow(2).sum(1))
+                xc = (xc - shift) * scale
+                self.x[a:b, :d] = xc.to(storage_dtype)
+                sq = self.x[a:b, :d].double().pow(2).sum(1)  # norms of the rounded rows
+                for j in range(3):
+                    self.x[a:b, d + j] = sq.to(storage_dtype)
+                    sq = sq - self.x[a:b, d + j].double()
+                self.x[a:b, d + 3:d + 6] = 1
+            perm = list(range(d)) + [d + 3, d + 4, d + 5, d, d + 1, d + 2] + list(range(d + 6, d_store))
+            self._q_perm = torch.tensor(perm, device=device)  # query: (-2 x', 1, 1, 1, ||x'||^2 terms, 0)
+            self._q_mul = torch.tensor([-2.0] * d + [1.0] * _N_AUG + [0.0] * (d_store - d - _N_AUG),
+                                       dtype=storage_dtype, device=device)
+            # float16 subnormals: absolute rounding up to ~2^-24 per term (rows scaled to |x'| <= 1)
+            floor = 2.0**-20
+        else:
+            self.x = rows.to(device, storage_dtype).contiguous()  # no copy when already in place
+            floor = 0.0
+        xn = torch.cat([self.x[a:a + chunk_size, :d].to(torch.float64).pow(2).sum(1)
+                        for a in range(0, n, chunk_size)])  # (n,)
+        input_sq = torch.cat(input_sq) if self.augmented else xn
+        i = int(torch.argmax(input_sq)) if n else 0
+        # (squared norm, global index) of the largest-norm input row: k-center's start without labels
+        self.largest_input_norm = (float(input_sq[i]) if n else -math.inf, offset + i)
+        self.xn = xn.to(self.compute_dtype)
+        if not bool(torch.isfinite(self.xn).all()):
+            raise ValueError("squared row norms overflow; rescale x (e.g. divide by its largest absolute value)")
+        self.thr = self.tol * self.xn + floor  # (n,) zero threshold without the center's share
+        self.set_labeled(np.zeros(n, bool))
+
+    def set_labeled(self, labeled: np.ndarray) -> None:
+        """Start a selection: labeled rows (n,) are centers (distance 0), the rest candidates at
+        distance inf until ``init_labeled_distances``."""
+        self.candidate = torch.from_numpy(~labeled).to(self.device)  # (n,) unlabeled and not yet picked
+        self.has_labeled = bool(labeled.any())
+        self.min_d2 = torch.where(self.candidate, math.inf, 0.0).to(self.compute_dtype)  # (n,)
+        self._cached_d2: torch.Tensor | None = None
+        self._start = (self.min_d2.clone(), self.candidate.clone())
+
+    def reset(self) -> None:
+        """Back to the state after ``init_labeled_distances``: no picks yet."""
+        self.min_d2.copy_(self._start[0])
+        self.candidate.copy_(self._start[1])
+        self._cached_d2 = None
+
+    # -- rows ---------------------------------------------------------------------------
+    def plain_rows(self, local_idx: torch.Tensor) -> torch.Tensor:
+        """(L, d) rows in compute dtype and storage coordinates (centered, scaled for half)."""
+        return self.x.index_select(0, local_idx.to(self.device))[:, :self.d].to(self.compute_dtype)
+
+    def query_rows(self, local_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows (T, d_store) in storage dtype, squared norms (T,)) of the rows local_idx."""
+        return self.x.index_select(0, local_idx), self.xn.index_select(0, local_idx)
+
+
+    # -- distances ----------------------------------------------------------------------
+    def init_labeled_distances(self, ref: torch.Tensor, ref_sq: torch.Tensor, backend: str) -> None:
+        """min_d2 of the unlabeled rows := squared distance to the nearest row of ref (L, d)."""
+        if ref.shape[0] == 0:
+            return
+        ref, ref_sq = ref.to(self.device, self.compute_dtype), ref_sq.to(self.device, self.compute_dtype)
+        cs = self.chunk_size
+        knn = _faiss_nearest if backend == "faiss" else _torch_nearest
+        for a in range(0, self.n, cs):
+            b = min(a + cs, self.n)
+            d2, nearest = knn(self.x[a:b, :self.d].to(self.compute_dtype), self.xn[a:b], ref, ref_sq, cs)
+            d2 = d2.to(self.compute_dtype)
+            d2.masked_fill_(d2 <= self.thr[a:b] + self.tol * ref_sq[nearest], 0)
+            self.min_d2[a:b] = torch.where(self.candidate[a:b], d2, self.min_d2[a:b])
+        self._start = (self.min_d2.clone(), self.candidate.clone())
+
+    def distances(self, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """(n, T) squared distances from every row to the T query rows (from ``query_rows``)."""
+        rows, sq_norms = rows.to(self.device), sq_norms.to(self.device)
+        if self.augmented:
+            q = rows[:, self._q_perm] * self._q_mul  # (T, d_store)
+            d2 = (torch.mv(self.x, q[0])[:, None] if q.shape[0] == 1 else self.x @ q.T).to(self.compute_dtype)
+        elif rows.shape[0] == 1:
+            d2 = torch.addmv(self.xn, self.x, rows[0], alpha=-2)[:, None] + sq_norms  # (n, 1)
+        else:
+            d2 = torch.addmm(self.xn[:, None], self.x, rows.T, alpha=-2) + sq_norms  # (n, T)
+        return d2.masked_fill_(d2 <= self.thr[:, None] + self.tol * sq_norms, 0)
+
+    def add_center(self, d2: torch.Tensor, local_idx: torch.Tensor | None) -> None:
+        """Fold one center's distances (n,) in; local_idx: the center, if this shard holds it."""
+        torch.minimum(self.min_d2, d2, out=self.min_d2)
+        if local_idx is not None:
+            self.min_d2.index_fill_(0, local_idx, 0)
+            self.candidate.index_fill_(0, local_idx, False)
+
+    def trial_potentials(self, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """(T,) float64 k-means potential sum_i min(min_d2_i, d2(i, trial)); keeps the columns."""
+        d2 = self.distances(rows, sq_norms)
+        torch.minimum(d2, self.min_d2[:, None], out=d2)
+        self._cached_d2 = d2
+        return d2.sum(0, dtype=torch.float64)
+
+    def add_trial(self, best: torch.Tensor | int, local_idx: torch.Tensor | None) -> None:
+        self.add_center(self._cached_d2.index_select(1, torch.as_tensor(best, device=self.device).view(1))[:, 0],
+                        local_idx)
+        self._cached_d2 = None
+
+    # -- pick rules -----------------------------------------------------------------------
+    def farthest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min_d2, local index) of the farthest row; ties -> lowest index."""
+        i = torch.argmax(self.min_d2).view(1)  # (1,): 0-d tensor indexing would sync the host
+        return self.min_d2.index_select(0, i)[0], i[0]
+
+    def d2_mass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of min_d2 in float64, number of candidates): this shard's D^2 and fill mass."""
+        return self.min_d2.sum(dtype=torch.float64), self.candidate.sum()
+
+    def draw(self, targets: torch.Tensor, fill: torch.Tensor | bool) -> torch.Tensor:
+        """Local indices (T,) at cumulative D^2 mass targets (T,) in [0, mass).
+
+        fill: draw uniformly among candidates instead (every remaining distance is 0).
+        Searching side=right past a clamp below the total never lands on a zero-weight row.
+        """
+        if isinstance(fill, bool):  # decided on the host (first pick, sharded driver)
+            w = (self.candidate if fill else self.min_d2).to(torch.float64)
+        else:
+            w = torch.where(fill, self.candidate.to(torch.float64), self.min_d2.to(torch.float64))
+        cum = torch.cumsum(w, 0)  # (n,)
+        top = torch.nextafter(cum[-1], cum.new_zeros(()))
+        targets = torch.minimum(targets.to(self.device, torch.float64).clamp_min(0), top)
+        return torch.searchsorted(cum, targets, right=True)
+
+
+def _torch_nearest(q, q_sq, ref, ref_sq, chunk_size):
+    """(squared distance, index) of the nearest ref row for each query row; ref in blocks."""
+    best = torch.full((q.shape[0],), math.inf, dtype=q.dtype, device=q.device)
+    nearest = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    for a in range(0, ref.shape[0], chunk_size):
+        block = torch.addmm(q_sq[:, None], q, ref[a:a + chunk_size].T, alpha=-2) + ref_sq[a:a + chunk_size]
+        idx = block.argmin(dim=1)  # (nq,); min(dim=) stalls ~10 ms per call on 2 busy cores
+        val = block.gather(1, idx[:, None])[:, 0]
+        better = val < best
+        best, nearest = torch.where(better, val, best), torch.where(better, idx + a, nearest)
+    return best, nearest
+
+
+_FAISS_GPU_RESOURCES: dict[int, Any] = {}  # one StandardGpuResources per device, made on first use
+
+
+def _faiss_nearest(q, q_sq, ref, ref_sq, chunk_size):
+    """faiss kNN (k=1, squared L2, float32): faiss.knn on CPU, knn_gpu-style bfKnn on CUDA."""
+    import faiss
+
+    q32, ref32 = q.float().contiguous(), ref.float().contiguous()
+    if not q.is_cuda:
+        d2, idx = faiss.knn(q32.numpy(), ref32.numpy(), 1)
+        return torch.from_numpy(d2[:, 0]), torch.from_numpy(idx[:, 0])
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if dev not in _FAISS_GPU_RESOURCES:
+        res = faiss.StandardGpuResources()
+        res.setTempMemory(FAISS_GPU_TEMP_MEMORY_BYTES)
+        _FAISS_GPU_RESOURCES[dev] = res
+    d2 = torch.empty(q.shape[0], 1, dtype=torch.float32, device=q.device)
+    idx = torch.empty(q.shape[0], 1, dtype=torch.int64, device=q.device)
+    args = faiss.GpuDistanceParams()  # as faiss.contrib.torch_utils' knn_gpu, without its global patching
+    args.metric, args.k, args.dims = faiss.METRIC_L2, 1, q.shape[1]
+    args.vectors, args.vectorType, args.numVectors = _faiss_ptr(ref32), faiss.DistanceDataType_F32, ref.shape[0]
+    args.queries, args.queryType, args.numQueries = _faiss_ptr(q32), faiss.DistanceDataType_F32, q.shape[0]
+    args.outDistances, args.outIndices = _faiss_ptr(d2), faiss.cast_integer_to_idx_t_ptr(idx.data_ptr())
+    args.outIndicesType, args.device = faiss.IndicesDataType_I64, dev
+    torch.cuda.synchronize(q.device)  # faiss runs on its own stream: inputs ready, outputs awaited
+    faiss.bfKnn(_FAISS_GPU_RESOURCES[dev], args)
+    torch.cuda.synchronize(q.device)
+    return d2[:, 0], idx[:, 0]
+
+
+def _faiss_ptr(t: torch.Tensor):
+    import faiss
+
+    return faiss.cast_integer_to_float_ptr(t.data_ptr())
+
+
+# ---- single-device preparation ----------------------------------------------------------------
+def storage_shift(row_sum: torch.Tensor, n: int, storage_dtype: torch.dtype) -> torch.Tensor | None:
+    """Half storage stores rows centered on the pool mean (distances are translation-invariant)."""
+    return (row_sum / max(n, 1)).float() if storage_dtype in HALF_DTYPES else None
+
+
+def row_sum(rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    return sum((rows[a:a + chunk_size].to(torch.float64).sum(0) for a in range(0, rows.shape[0], chunk_size)),
+               torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)).cpu()
+
+
+def max_centered_sq_norm(rows: torch.Tensor, shift: torch.Tensor, chunk_size: int) -> float:
+    shift = shift.to(rows.device, torch.float64)
+    return max((float((rows[a:a + chunk_size].to(torch.float64) - shift).pow(2).sum(1).max())
+                for a in range(0, rows.shape[0], chunk_size)), default=0.0)
+
+
+def storage_scale(max_sq_norm: float, storage_dtype: torch.dtype) -> float:
+    """Half storage scales rows to norm <= 1 (float16's range); 1.0 otherwise."""
+    return 1.0 / math.sqrt(max_sq_norm) if storage_dtype in HALF_DTYPES and max_sq_norm > 0 else 1.0
+
+
+def _prepare(x, labeled_mask, budget, *, device, backend, storage_dtype, chunk_size):
+    rows = as_rows(x)
+    mask = check_labeled_mask(labeled_mask, rows.shape[0])
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    budget = check_budget(budget, int((~mask).sum()))
+    raise_nonfinite(*nonfinite_rows(rows, chunk_size))
+    storage_dtype, device = resolve_storage_dtype(storage_dtype), resolve_device(device, rows)
+    backend = resolve_backend(backend, device)
+    shift = storage_shift(row_sum(rows, chunk_size), rows.shape[0], storage_dtype)
+    scale = storage_scale(max_centered_sq_norm(rows, shift, chunk_size) if shift is not None else 0.0,
+                          storage_dtype)
+    log.info("selection pool: %d rows (%d labeled), dim %d, %s storage (%.1f MB) on %s, labeled kNN: %s",
+             rows.shape[0], mask.sum(), rows.shape[1], storage_dtype,
+             rows.shape[0] * rows.shape[1] * storage_dtype.itemsize / 1e6, device, backend)
+    pool = PoolShard(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift, scale=scale,
+                     chunk_size=chunk_size)
+    pool.set_labeled(mask)
+    labeled_idx = torch.from_numpy(np.flatnonzero(mask)).to(device)
+    pool.init_labeled_distances(pool.plain_rows(labeled_idx), pool.xn[labeled_idx], backend)
+    return pool, budget, backend
+
+
+def finish(picks, pick_d2, scale: float, n_fill: int, backend: str) -> Selection:
+    """Selection from picks and their squared distances (host arrays, storage units)."""
+    radii = (np.sqrt(np.asarray(pick_d2, np.float64)) / scale).astype(np.float32)
+    return Selection(np.asarray(picks, np.int64), radii, int(n_fill), backend)
+
+
+def kcenter_random_fill(picks: np.ndarray, pick_d2: np.ndarray, labeled: np.ndarray, seed: int) -> int:
+    """Replace, in place, the k-center picks made after every distance reached 0; returns their count.
+
+    Distances only shrink, so once the farthest remaining row is at distance 0 every later
+    pick is too: those picks are a suffix, made here on the host after the loop (no per-pick
+    cost) as the remaining rows in a seeded random order (torch.randperm(N, seed)).
+    """
+    zero = np.flatnonzero(pick_d2 <= 0)
+    if zero.size == 0:
+        return 0
+    t0 = int(zero[0])
+    remaining = ~labeled
+    remaining[picks[:t0]] = False
+    order = torch.randperm(labeled.shape[0], generator=torch.Generator().manual_seed(seed)).numpy()
+    picks[t0:] = order[remaining[order]][:picks.shape[0] - t0]
+    pick_d2[t0:] = 0
+    return picks.shape[0] - t0
+
+
+def kmeanspp_uniforms(budget: int, n_trials: int, seed: int) -> torch.Tensor:
+    """(budget, n_trials) float64 uniforms, drawn on the CPU up front: the same stream for
+    CPU, CUDA and sharded runs, and no generator calls inside the loop."""
+    return torch.rand(budget, n_trials, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def resolve_local_trials(local_trials: int | str | None, budget: int) -> int:
+    """None: plain D^2 sampling (1 trial); "auto": scikit-learn's 2 + int(log(budget))."""
+    if local_trials is None:
+        return 1
+    if local_trials == "auto":
+        return 2 + int(math.log(budget))
+    if isinstance(local_trials, bool) or not isinstance(local_trials, (int, np.integer)) or local_trials < 1:
+        raise ValueError(f"local_trials must be None, 'auto' or an integer >= 1, got {local_trials!r}")
+    return int(local_trials)
+
+
+# ---- public pick rules --------------------------------------------------------------------------
+@torch.no_grad()
+def kcenter_greedy(x, labeled_mask, budget, *, seed: int = 0, device="auto", backend: str = "auto",
+                   storage_dtype=torch.float32, chunk_size: int = 2048) -> Selection:
+    """k-center greedy (farthest-first traversal; Sener & Savarese 2018, the core-set baseline).
+
+    Each pick is the unlabeled row farthest from the labeled rows and earlier picks. With no
+    labeled rows the first pick is the largest-norm row (deterministic, never silently row 0).
+    When every remaining distance is 0 (duplicates), picks are seeded random fill.
+
+    x: (N, d) numpy array or torch tensor; labeled_mask: (N,) bool; budget: picks wanted.
+    seed: orders the random fill. device: "auto" = x's CUDA device, else cuda if available.
+    backend: labeled-set kNN, "auto"/"faiss"/"torch". storage_dtype: float32 (default),
+    float64, or bfloat16/float16 (half the bytes read per pick). chunk_size: rows per kNN block.
+    Raises ValueError for non-finite rows (named), budget <= 0, bad shapes; warns and returns
+    every unlabeled row when budget >= their number.
+    """
+    pool, budget, backend = _prepare(x, labeled_mask, budget, device=device, backend=backend,
+                                     storage_dtype=storage_dtype, chunk_size=chunk_size)
+    start = torch.tensor(pool.largest_input_norm[1], device=pool.device)
+    picks, pick_d2 = _kcenter_loop(pool, budget, start)
+    picks, pick_d2 = picks.cpu().numpy(), pick_d2.cpu().numpy()  # the one host transfer
+    n_fill = kcenter_random_fill(picks, pick_d2, check_labeled_mask(labeled_mask), seed)
+    return finish(picks, pick_d2, pool.scale, n_fill, backend)
+
+
+def _kcenter_loop(pool: PoolShard, budget: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(picks (B,), their min_d2 (B,)) on the device; no host sync inside."""
+    picks = torch.empty(budget, dtype=torch.int64, device=pool.device)
+    pick_d2 = torch.empty(budget, dtype=pool.compute_dtype, device=pool.device)
+    for t in range(budget):
+        d2, i = pool.farthest()
+        if t == 0 and not pool.has_labeled:
+            d2, i = torch.full_like(d2, math.inf), start
+        picks[t], pick_d2[t] = i, d2
+        i = i.view(1)
+        pool.add_center(pool.distances(*pool.query_rows(i))[:, 0], i)
+    return picks, pick_d2
+
+
+@torch.no_grad()
+def kmeanspp(x, labeled_mask, budget, seed: int, *, local_trials: int | str | None = None, device="auto",
+             backend: str = "auto", storage_dtype=torch.float32, chunk_size: int = 2048) -> Selection:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007; BADGE and the ALGES paper): each pick is
+    drawn with probability proportional to D^2, the squared distance to the chosen set.
+
+    local_trials: None = plain D^2 sampling; an integer or "auto" (2 + int(log(budget))) =
+    greedy k-means++ as scikit-learn's ``kmeans_plusplus``: draw that many candidates and keep
+    the one that lowers the potential sum(D^2) most. The labeled rows are the initial centers;
+    with none, the first pick is a seeded uniform draw. All uniforms come from one CPU
+    generator seeded by ``seed`` (so CPU, CUDA and sharded runs pick the same rows).
+    Other arguments and errors as ``kcenter_greedy``.
+    """
+    n_trials = resolve_local_trials(local_trials, budget if isinstance(budget, int) and budget > 0 else 1)
+    pool, budget, backend = _prepare(x, labeled_mask, budget, device=device, backend=backend,
+                                     storage_dtype=storage_dtype, chunk_size=chunk_size)
+    u = kmeanspp_uniforms(budget, n_trials, seed).to(pool.device)
+    picks, pick_d2, n_fill = _kmeanspp_loop(pool, budget, u)
+    return finish(picks.cpu().numpy(), pick_d2.cpu().numpy(), pool.scale, int(n_fill), backend)
+
+
+def _kmeanspp_loop(pool: PoolShard, budget: int, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(picks (B,), their min_d2 (B,), random-fill count) on the device; u: (B, T) uniforms."""
+    n_trials = u.shape[1]
+    picks = torch.empty(budget, dtype=torch.int64, device=pool.device)
+    pick_d2 = torch.empty(budget, dtype=pool.compute_dtype, device=pool.device)
+    n_fill = torch.zeros((), dtype=torch.int64, device=pool.device)
+    for t in range(budget):
+        if t == 0 and not pool.has_labeled:  # uniform first center; its radius is inf
+            i = pool.draw(u[0, :1] * pool.n, True)
+            picks[0], pick_d2[0] = i[0], math.inf
+            pool.add_center(pool.distances(*pool.query_rows(i))[:, 0], i)
+            continue
+        mass, n_cand = pool.d2_mass()
+        fill = mass <= 0
+        n_fill += fill
+        trials = pool.draw(u[t] * torch.where(fill, n_cand.to(mass.dtype), mass), fill)  # (T,)
+        if n_trials == 1:
+            i = trials
+            pick_d2[t] = pool.min_d2.index_select(0, i)[0]
+            pool.add_center(pool.distances(*pool.query_rows(i))[:, 0], i)
+        else:
+            best = torch.argmin(pool.trial_potentials(*pool.query_rows(trials)))
+            i = trials.index_select(0, best.view(1))
+            pick_d2[t] = pool.min_d2.index_select(0, i)[0]
+            pool.add_trial(best, i)
+        picks[t] = i[0]
+    return picks, pick_d2, n_fill
+
+
+def top_k(score, labeled_mask, budget, largest: bool = True) -> Selection:
+    """The budget unlabeled rows with the largest (or smallest) score; ties -> lower index.
+
+    score: (N,) finite; uncertainty baselines (entropy, margin, ...) rank by it.
+    """
+    s = score.detach().cpu().numpy() if isinstance(score, torch.Tensor) else np.asarray(score)
+    if s.ndim != 1 or not np.issubdtype(s.dtype, np.number):
+        raise ValueError(f"score must be a numeric (N,) array, got shape {s.shape} and dtype {s.dtype}")
+    mask = check_labeled_mask(labeled_mask, s.shape[0])
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise ValueError(f"score has NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
+    budget = check_budget(budget, int((~mask).sum()))
+    cand = np.flatnonzero(~mask)
+    order = np.argsort(-s[cand] if largest else s[cand], kind="stable")[:budget]
+    return Selection(cand[order].astype(np.int64), np.full(budget, np.nan, np.float32))
+
+
+def random(labeled_mask, budget, seed: int) -> Selection:
+    """budget unlabeled rows uniformly at random, from a generator seeded by ``seed``."""
+    mask = check_labeled_mask(labeled_mask)
+    budget = check_budget(budget, int((~mask).sum()))
+    cand = np.flatnonzero(~mask)
+    order = torch.randperm(cand.size, generator=torch.Generator().manual_seed(seed))[:budget].numpy()
+    return Selection(cand[order].astype(np.int64), np.full(budget, np.nan, np.float32))
+
+
+def _needs(name: str, value: Any, method: str) -> None:
+    if value is None:
+        raise ValueError(f"method {method!r} needs {name}=...")
+
+
+def _run_kcenter(labeled_mask, budget, *, x, score, largest, seed, **options):
+    _needs("x", x, "kcenter")
+    return kcenter_greedy(x, labeled_mask, budget, seed=seed, **options)
+
+
+def _run_kmeanspp(labeled_mask, budget, *, x, score, largest, seed, **options):
+    _needs("x", x, "kmeans++")
+    return kmeanspp(x, labeled_mask, budget, seed, **options)
+
+
+def _run_top_k(labeled_mask, budget, *, x, score, largest, seed, **options):
+    _needs("score", score, "top-k")
+    return top_k(score, labeled_mask, budget, largest=largest, **options)
+
+
+def _run_random(labeled_mask, budget, *, x, score, largest, seed, **options):
+    return random(labeled_mask, budget, seed, **options)
+
+
+SELECTION_METHODS: dict[str, Callable[..., Selection]] = {
+    "kcenter": _run_kcenter,
+    "kmeans++": _run_kmeanspp,
+    "top-k": _run_top_k,
+    "random": _run_random,
+}
+
+
+def select(method: str, labeled_mask, budget, *, x=None, score=None, largest: bool = True, seed: int = 0,
+           **options) -> Selection:
+    """The one entry the round loop calls: ``SELECTION_METHODS[method]`` with its inputs.
+
+    options go to the method (device, backend, storage_dtype, chunk_size, local_trials).
+    """
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"unknown selection method {method!r}; valid: {list(SELECTION_METHODS)}")
+    try:
+        return SELECTION_METHODS[method](labeled_mask, budget, x=x, score=score, largest=largest, seed=seed,
+                                         **options)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise ValueError(f"method {method!r} does not take option(s) {sorted(options)}: {e}") from e
+        raise

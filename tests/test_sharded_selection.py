@@ -1,0 +1,69 @@
+"""Sharded selection (2 local Ray actors) picks exactly what the single-device engine picks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alges_dist.selection import kcenter_greedy, kmeanspp
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def sharded(ray_local):
+    from alges_dist.distributed.sharded_selection import ShardedSelector
+
+    return ShardedSelector
+
+
+def pool(n=600, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    labeled = np.zeros(n, bool)
+    labeled[rng.choice(n, 40, replace=False)] = True
+    return x, labeled
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.radii, b.radii)
+    assert a.n_random_fill == b.n_random_fill
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_sharded_selection_equals_single_device(sharded, storage_dtype):
+    x, labeled = pool()
+    opts = {"storage_dtype": storage_dtype, "chunk_size": 128}
+    with sharded([x[:250], x[250:]], **opts) as sh:  # one selector, several selections: each starts afresh
+        for mask in (labeled, np.zeros_like(labeled)):
+            assert_same(sh.kcenter_greedy(mask, 30, seed=1), kcenter_greedy(x, mask, 30, seed=1, **opts))
+            for local_trials in (None, 3):
+                assert_same(sh.kmeanspp(mask, 30, 7, local_trials=local_trials),
+                            kmeanspp(x, mask, 30, 7, local_trials=local_trials, **opts))
+
+
+def test_sharded_random_fill_and_budget_checks_equal_single_device(sharded):
+    rng = np.random.default_rng(2)
+    x = np.repeat(rng.normal(size=(6, 8)).astype(np.float32), 5, axis=0)  # 30 rows, 6 distinct
+    labeled = np.zeros(30, bool)
+    labeled[[0, 29]] = True
+    with sharded([x[:13], x[13:]]) as sh:
+        a, b = sh.kcenter_greedy(labeled, 15, seed=5), kcenter_greedy(x, labeled, 15, seed=5)
+        assert_same(a, b)
+        assert a.n_random_fill == 11
+        assert_same(sh.kmeanspp(labeled, 15, 5), kmeanspp(x, labeled, 15, 5))
+        with pytest.raises(ValueError, match="budget must be a positive integer"):
+            sh.kcenter_greedy(labeled, 0)
+        with pytest.warns(UserWarning, match="budget 40 >= the 28 unlabeled rows"):
+            got = sh.kmeanspp(labeled, 40, 0)
+        assert sorted(got.indices) == np.flatnonzero(~labeled).tolist()
+        with pytest.raises(ValueError, match=r"labeled_mask must be a boolean array of shape \(30,\)"):
+            sh.kcenter_greedy(labeled[:20], 3)
+
+
+def test_sharded_selection_rejects_nonfinite_rows_by_global_index(sharded):
+    x, _ = pool(n=100)
+    x[70, 2], x[5, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"NaN or inf in 2 rows \(first: \[5, 70\]\)"):
+        sharded([x[:50], x[50:]])
