@@ -18,7 +18,7 @@ done
 [[ $# -gt 0 ]] || { echo "usage: $0 [--address URL] [--no-wait] -- ALGES_ARGS..." >&2; exit 2; }
 cd "$(dirname "$0")/.."
 runtime_env=$(cat <<JSON
-{"excludes": [".venv", "runs", ".git", "*.pt", "*.parquet"],
+{"excludes": [".venv", "runs", "*.pt", "*.parquet"],
  "env_vars": {"HF_HUB_OFFLINE": "${HF_HUB_OFFLINE:-0}", "PYTHONPATH": "."}}
 JSON
 )
