@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -39,12 +40,16 @@ class Selection(NamedTuple):
         made with no labeled rows; NaN for "top-k" and "random".
     n_random_fill: picks made by seeded random fill because every remaining distance was 0.
     backend: "faiss"/"torch" (labeled-set kNN) for distance methods, "" otherwise.
+    seconds_prepare, seconds_picks: wall time of validation + storage + labeled kNN, and of
+        the greedy loop (for round records and scripts/bench_selection.py).
     """
 
     indices: np.ndarray
     radii: np.ndarray
     n_random_fill: int = 0
     backend: str = ""
+    seconds_prepare: float = 0.0
+    seconds_picks: float = 0.0
 
 
 # ---- validation ------------------------------------------------------------------------
@@ -80,14 +85,16 @@ def check_budget(budget: Any, n_unlabeled: int) -> int:
     return int(budget)
 
 
-def nonfinite_rows(rows: torch.Tensor, chunk_size: int, offset: int = 0) -> tuple[int, list[int]]:
-    """(count, first five global indices) of rows holding NaN or inf."""
-    count, first = 0, []
-    for a in range(0, rows.shape[0], chunk_size):
-        bad = torch.nonzero(~torch.isfinite(rows[a:a + chunk_size]).all(dim=1)).flatten()
-        count += bad.numel()
-        first += (bad[:5 - len(first)] + a + offset).tolist() if len(first) < 5 else []
-    return count, first
+def nonfinite_rows(rows: torch.Tensor, offset: int = 0) -> tuple[int, list[int]]:
+    """(count, first five global indices) of rows holding NaN or inf.
+
+    One reduction pass (row sums, no (N, d) temporary; isfinite over all of x costs ~40x more
+    here); only rows whose sum is not finite (NaN/inf, or overflow) are checked element-wise.
+    """
+    flagged = torch.nonzero(~torch.isfinite(rows.sum(1))).flatten()
+    if flagged.numel():
+        flagged = flagged[~torch.isfinite(rows[flagged]).all(dim=1)]
+    return flagged.numel(), (flagged[:5] + offset).tolist()
 
 
 def raise_nonfinite(count: int, first: list[int]) -> None:
@@ -169,7 +176,7 @@ class PoolShard:
             for a in range(0, n, chunk_size):
                 b = min(a + chunk_size, n)
                 xc = rows[a:b].to(device, torch.float32)
-                input_sq.append(xc.double().pow(2).sum(1))
+                input_sq.append(torch.linalg.vector_norm(xc, dim=1).double().square())
                 xc = (xc - shift) * scale
                 self.x[a:b, :d] = xc.to(storage_dtype)
                 sq = self.x[a:b, :d].double().pow(2).sum(1)  # norms of the rounded rows
@@ -186,8 +193,10 @@ class PoolShard:
         else:
             self.x = rows.to(device, storage_dtype).contiguous()  # no copy when already in place
             floor = 0.0
-        xn = torch.cat([self.x[a:a + chunk_size, :d].to(torch.float64).pow(2).sum(1)
-                        for a in range(0, n, chunk_size)])  # (n,)
+        if self.augmented:  # (n,) squared norms of the stored (rounded) rows, as the appended terms
+            xn = self.x[:, d:d + 3].double().sum(1)
+        else:  # one fused reduction over x, no (N, d) temporary
+            xn = torch.linalg.vector_norm(self.x, dim=1).double().square()
         input_sq = torch.cat(input_sq) if self.augmented else xn
         i = int(torch.argmax(input_sq)) if n else 0
         # (squared norm, global index) of the largest-norm input row: k-center's start without labels
@@ -301,9 +310,10 @@ def _torch_nearest(q, q_sq, ref, ref_sq, chunk_size):
     best = torch.full((q.shape[0],), math.inf, dtype=q.dtype, device=q.device)
     nearest = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for a in range(0, ref.shape[0], chunk_size):
-        block = torch.addmm(q_sq[:, None], q, ref[a:a + chunk_size].T, alpha=-2) + ref_sq[a:a + chunk_size]
+        # (nq, L_block) ||r||^2 - 2 q.r; ||q||^2 is the same along a row: added to the minimum only
+        block = torch.addmm(ref_sq[None, a:a + chunk_size], q, ref[a:a + chunk_size].T, alpha=-2)
         idx = block.argmin(dim=1)  # (nq,); min(dim=) stalls ~10 ms per call on 2 busy cores
-        val = block.gather(1, idx[:, None])[:, 0]
+        val = block.gather(1, idx[:, None])[:, 0] + q_sq
         better = val < best
         best, nearest = torch.where(better, val, best), torch.where(better, idx + a, nearest)
     return best, nearest
@@ -352,13 +362,16 @@ def storage_shift(row_sum: torch.Tensor, n: int, storage_dtype: torch.dtype) -> 
 
 
 def row_sum(rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    return sum((rows[a:a + chunk_size].to(torch.float64).sum(0) for a in range(0, rows.shape[0], chunk_size)),
-               torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)).cpu()
+    """(d,) float64 sum of the rows (for the half-storage mean), on the host."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    for a in range(0, rows.shape[0], chunk_size):
+        total += rows[a:a + chunk_size].sum(0, dtype=torch.float64)
+    return total.cpu()
 
 
 def max_centered_sq_norm(rows: torch.Tensor, shift: torch.Tensor, chunk_size: int) -> float:
-    shift = shift.to(rows.device, torch.float64)
-    return max((float((rows[a:a + chunk_size].to(torch.float64) - shift).pow(2).sum(1).max())
+    shift = shift.to(rows.device, torch.float32)
+    return max((float(torch.linalg.vector_norm(rows[a:a + chunk_size].float() - shift, dim=1).max()) ** 2
                 for a in range(0, rows.shape[0], chunk_size)), default=0.0)
 
 
@@ -373,7 +386,7 @@ def _prepare(x, labeled_mask, budget, *, device, backend, storage_dtype, chunk_s
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     budget = check_budget(budget, int((~mask).sum()))
-    raise_nonfinite(*nonfinite_rows(rows, chunk_size))
+    raise_nonfinite(*nonfinite_rows(rows))
     storage_dtype, device = resolve_storage_dtype(storage_dtype), resolve_device(device, rows)
     backend = resolve_backend(backend, device)
     shift = storage_shift(row_sum(rows, chunk_size), rows.shape[0], storage_dtype)
@@ -390,10 +403,17 @@ def _prepare(x, labeled_mask, budget, *, device, backend, storage_dtype, chunk_s
     return pool, budget, backend
 
 
-def finish(picks, pick_d2, scale: float, n_fill: int, backend: str) -> Selection:
+def finish(picks, pick_d2, scale: float, n_fill: int, backend: str, seconds: tuple[float, float]) -> Selection:
     """Selection from picks and their squared distances (host arrays, storage units)."""
     radii = (np.sqrt(np.asarray(pick_d2, np.float64)) / scale).astype(np.float32)
-    return Selection(np.asarray(picks, np.int64), radii, int(n_fill), backend)
+    return Selection(np.asarray(picks, np.int64), radii, int(n_fill), backend, *seconds)
+
+
+def _synced_clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work (one sync per phase, never per pick)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def kcenter_random_fill(picks: np.ndarray, pick_d2: np.ndarray, labeled: np.ndarray, seed: int) -> int:
@@ -449,13 +469,18 @@ def kcenter_greedy(x, labeled_mask, budget, *, seed: int = 0, device="auto", bac
     Raises ValueError for non-finite rows (named), budget <= 0, bad shapes; warns and returns
     every unlabeled row when budget >= their number.
     """
+    t0 = time.perf_counter()
     pool, budget, backend = _prepare(x, labeled_mask, budget, device=device, backend=backend,
                                      storage_dtype=storage_dtype, chunk_size=chunk_size)
     start = torch.tensor(pool.largest_input_norm[1], device=pool.device)
+    t1 = _synced_clock(pool.device)
     picks, pick_d2 = _kcenter_loop(pool, budget, start)
     picks, pick_d2 = picks.cpu().numpy(), pick_d2.cpu().numpy()  # the one host transfer
     n_fill = kcenter_random_fill(picks, pick_d2, check_labeled_mask(labeled_mask), seed)
-    return finish(picks, pick_d2, pool.scale, n_fill, backend)
+    t2 = time.perf_counter()
+    log.info("k-center greedy: %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
+             budget, t2 - t1, (t2 - t1) / max(budget, 1) * 1e3, t1 - t0)
+    return finish(picks, pick_d2, pool.scale, n_fill, backend, (t1 - t0, t2 - t1))
 
 
 def _kcenter_loop(pool: PoolShard, budget: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,11 +511,17 @@ def kmeanspp(x, labeled_mask, budget, seed: int, *, local_trials: int | str | No
     Other arguments and errors as ``kcenter_greedy``.
     """
     n_trials = resolve_local_trials(local_trials, budget if isinstance(budget, int) and budget > 0 else 1)
+    t0 = time.perf_counter()
     pool, budget, backend = _prepare(x, labeled_mask, budget, device=device, backend=backend,
                                      storage_dtype=storage_dtype, chunk_size=chunk_size)
     u = kmeanspp_uniforms(budget, n_trials, seed).to(pool.device)
+    t1 = _synced_clock(pool.device)
     picks, pick_d2, n_fill = _kmeanspp_loop(pool, budget, u)
-    return finish(picks.cpu().numpy(), pick_d2.cpu().numpy(), pool.scale, int(n_fill), backend)
+    picks, pick_d2, n_fill = picks.cpu().numpy(), pick_d2.cpu().numpy(), int(n_fill)  # the one host transfer
+    t2 = time.perf_counter()
+    log.info("k-means++ (%d trials): %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
+             n_trials, budget, t2 - t1, (t2 - t1) / max(budget, 1) * 1e3, t1 - t0)
+    return finish(picks, pick_d2, pool.scale, n_fill, backend, (t1 - t0, t2 - t1))
 
 
 def _kmeanspp_loop(pool: PoolShard, budget: int, u: torch.Tensor) -> tuple[torch.Tensor, ...]:

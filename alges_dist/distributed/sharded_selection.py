@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,7 +36,7 @@ class _ShardActor:
         return self.rows.shape[0]
 
     def nonfinite_rows(self) -> tuple[int, list[int]]:
-        return sel.nonfinite_rows(self.rows, self.chunk_size, self.offset)
+        return sel.nonfinite_rows(self.rows, self.offset)
 
     def row_sum(self) -> torch.Tensor:
         return sel.row_sum(self.rows, self.chunk_size)
@@ -178,7 +179,9 @@ class ShardedSelector:
 
     def kcenter_greedy(self, labeled_mask, budget: int, *, seed: int = 0) -> Selection:
         """``selection.kcenter_greedy`` over the shards: same picks, radii and random fill."""
+        t0 = time.perf_counter()
         budget, _ = self._start(labeled_mask, budget)
+        t1 = time.perf_counter()
         picks, pick_d2 = np.empty(budget, np.int64), np.empty(budget, np.float64)
         candidates = ray.get([a.farthest.remote() for a in self.actors])
         for t in range(budget):
@@ -190,12 +193,14 @@ class ShardedSelector:
             picks[t], pick_d2[t] = g, d2
             candidates = self._broadcast("kcenter_step", rows, sq, owner_idx=g)
         n_fill = sel.kcenter_random_fill(picks, pick_d2, self.labeled, seed)
-        return sel.finish(picks, pick_d2, self.scale, n_fill, self.backend)
+        return sel.finish(picks, pick_d2, self.scale, n_fill, self.backend, (t1 - t0, time.perf_counter() - t1))
 
     def kmeanspp(self, labeled_mask, budget: int, seed: int, *, local_trials: int | str | None = None) -> Selection:
         """``selection.kmeanspp`` over the shards: the same uniforms, inverse-CDF over per-shard totals."""
         n_trials = sel.resolve_local_trials(local_trials, budget if isinstance(budget, int) and budget > 0 else 1)
+        t0 = time.perf_counter()
         budget, masses = self._start(labeled_mask, budget)  # (sum of min_d2, candidates) per shard
+        t1 = time.perf_counter()
         u = sel.kmeanspp_uniforms(budget, n_trials, seed).numpy()
         picks, pick_d2, n_fill = np.empty(budget, np.int64), np.empty(budget, np.float64), 0
         for t in range(budget):
@@ -217,7 +222,7 @@ class ShardedSelector:
                 g, d2 = trials[best][:2]
                 masses = self._broadcast("add_trial", best, owner_idx=g)
             picks[t], pick_d2[t] = g, d2
-        return sel.finish(picks, pick_d2, self.scale, n_fill, self.backend)
+        return sel.finish(picks, pick_d2, self.scale, n_fill, self.backend, (t1 - t0, time.perf_counter() - t1))
 
     def _draw(self, u: np.ndarray, weights: list[float], fill: bool) -> list[tuple]:
         """(global index, min_d2, row, squared norm) per uniform: shard by inverse-CDF over the
