@@ -76,7 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in ROUND_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_round_args(p, default_out="runs/demo" if name == "demo" else None)
+    label = sub.add_parser(
+        "label", help="import people's masks for a run's pending query batch (loop.oracle: human)",
+        description="Set mask_uri and labeled_round for the picks of the pending round; every pick needs "
+        "MASKS/FRAME_ID.<ext>, decodable with the pool's encoding. Then rerun `alges run`.")
+    label.add_argument("--out", type=Path, required=True, help="the run folder")
+    label.add_argument("--masks", type=Path, required=True, help="folder of masks named FRAME_ID.png")
+    label.add_argument("--strategy", required=True, help="which strategy's batch")
+    label.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _label(args: argparse.Namespace) -> int:
+    from alges_dist.config import load_config
+    from alges_dist.loop import Experiment, resolve_pool
+
+    cfg = load_config(args.out / "config.yaml")
+    r = Experiment(cfg, args.out, resolve_pool(cfg)).import_labels(args.strategy, args.seed, args.masks)
+    print(f"labeled round {r + 1} of {args.strategy}/seed {args.seed}; rerun `alges run` to continue")
+    return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -106,8 +124,10 @@ def _rounds(args: argparse.Namespace) -> int:
     from alges_dist.loop import Experiment, WaitingForLabels, resolve_pool
     from alges_dist.report import format_results, plot_learning_curves
 
-    cfg = load_config(args.config, args.overrides)
-    pool = resolve_pool(cfg, args.pool)
+    # --pool is an override like any other, so RUN/config.yaml records the pool used
+    pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else Path(args.pool).resolve()}"]
+    cfg = load_config(args.config, [*args.overrides, *pool_override])
+    pool = resolve_pool(cfg)
     exp = Experiment(cfg, args.out, pool)  # validates config against the pool first
     init_ray(dashboard=not args.no_dashboard)
     until = args.command if args.command in ("train", "score", "select") else None
@@ -133,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return _ingest(args) if args.command == "ingest" else _rounds(args)
+        handler = {"ingest": _ingest, "label": _label}.get(args.command, _rounds)
+        return handler(args)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         # Bad input: one clear line, not a traceback (-v shows the traceback).
         if args.verbose:

@@ -37,13 +37,14 @@ import yaml
 from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
-from alges_dist.data.frames import FrameDataset
+from alges_dist.data.frames import FrameDataset, validate_frame
 from alges_dist.data.manifest import Manifest, filter_manifest, mark_labeled, read_manifest, write_manifest
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, score_pool
 from alges_dist.distributed.training import initial_weights, train_model
 from alges_dist.evaluation import evaluate
 from alges_dist.models import build_model
+from alges_dist.report import contact_sheet
 from alges_dist.selection import select
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,10 @@ STRATEGIES: dict[str, Strategy] = {
 STAGES = ("train", "evaluate", "score", "select", "label")
 
 
-def resolve_pool(cfg: Config, pool: str | Path | None = None) -> Path:
-    """The pool manifest path: --pool, else data.pool ("demo" generates the demo pool)."""
-    pool = pool or cfg.data.pool
-    if str(pool) == "demo":
+def resolve_pool(cfg: Config) -> Path:
+    """The pool manifest path of data.pool ("demo" generates the demo pool on first use)."""
+    pool = cfg.data.pool
+    if pool == "demo":
         return demo_pool(Path(cfg.data.demo_cache) if cfg.data.demo_cache else None, seed=cfg.data.demo_seed)
     path = Path(pool)
     if not path.is_file():
@@ -258,10 +259,12 @@ class Experiment:
         picks = pq.read_table(self.round_dir(strategy, seed, r) / "selection.parquet")["frame_id"].to_pylist()
         manifest = self.manifest(strategy, seed)
         if self.cfg.loop.oracle == "human":
+            sheet = self.write_handoff(strategy, seed, r, picks, manifest)
             raise WaitingForLabels(
-                f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation "
-                f"(listed in {self.round_dir(strategy, seed, r) / 'selection.parquet'}); import the masks, "
-                f"then run the same command again"
+                f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation, listed in "
+                f"{sheet.with_suffix('.csv')} (contact sheet {sheet}). Save one mask per frame as "
+                f"FRAME_ID.png in a folder, then: alges label --out {self.out} --strategy {strategy} "
+                f"--seed {seed} --masks FOLDER, and rerun this command"
             )
         rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
         missing = rows.filter(pc.is_null(rows["mask_uri"]))["frame_id"].to_pylist()
@@ -269,6 +272,47 @@ class Experiment:
             raise ValueError(f"simulated oracle: frames {missing[:5]} have no mask_uri in {self.pool}")
         table = mark_labeled(manifest.table, picks, r + 1)
         write_manifest(table, self.manifest_path(strategy, seed), manifest.encoding)
+
+    def write_handoff(self, strategy: str, seed: int, r: int, picks: list[str], manifest: Manifest) -> Path:
+        """The query batch for annotators: a CSV (rank, frame_id, image_uri) and a contact sheet."""
+        rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
+        uri = dict(zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()))
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["pick_rank", "frame_id", "image_uri"])
+        writer.writerows((i, f, uri[f]) for i, f in enumerate(picks))
+        base = self.round_dir(strategy, seed, r) / "to_annotate"
+        atomic_write_text(base.with_suffix(".csv"), buf.getvalue())
+        return contact_sheet([uri[f] for f in picks], picks, base.with_suffix(".png"))
+
+    def import_labels(self, strategy: str, seed: int, masks: Path) -> int:
+        """Label the pending round's picks with people's masks (``masks/FRAME_ID.*``).
+
+        All or nothing: every picked frame needs a mask that decodes with the pool's
+        encoding and matches its image's size, else nothing is written. Returns the round.
+        """
+        pending = [r for r in range(self.cfg.loop.n_rounds)
+                   if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
+        if not pending:
+            raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
+        r = pending[0]
+        picks = pq.read_table(self.round_dir(strategy, seed, r) / "selection.parquet")["frame_id"].to_pylist()
+        manifest = self.manifest(strategy, seed)
+        found = {p.stem: p.resolve() for p in Path(masks).iterdir() if p.is_file()}
+        missing = [f for f in picks if f not in found]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(picks)} picked frames have no mask in {masks}: "
+                                    f"{missing[:5]} (expected files named FRAME_ID.png)")
+        rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
+        for frame_id, image_uri in zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()):
+            validate_frame(image_uri, str(found[frame_id]), manifest.encoding)  # raises naming the file
+        table, picked = manifest.table, set(picks)
+        new_uri = [str(found[f]) if f in picked else u
+                   for f, u in zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist())]
+        table = table.set_column(table.schema.get_field_index("mask_uri"), table.schema.field("mask_uri"),
+                                 pa.array(new_uri, pa.string()))
+        write_manifest(mark_labeled(table, picks, r + 1), self.manifest_path(strategy, seed), manifest.encoding)
+        return r
 
     # ---- driving -----------------------------------------------------------------
     def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None,
@@ -289,8 +333,9 @@ class Experiment:
                 if stage == until:
                     self.write_outputs()
                     return False
+            if not (self.round_dir(strategy, seed, r) / "record.json").exists():
+                self.write_record(strategy, seed, r)  # also after a stop between label and record
             if pending:
-                self.write_record(strategy, seed, r)
                 completed += 1
                 if rounds is not None and completed >= rounds:
                     self.write_outputs()

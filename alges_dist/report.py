@@ -52,3 +52,24 @@ def plot_learning_curves(results_csv: Path, out_png: Path, metric: str = "dice")
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return out_png
+
+
+def contact_sheet(image_uris: list[str], labels: list[str], out_png: Path, *, thumb_px: int = 160,
+                  columns: int = 8) -> Path:
+    """A grid of thumbnails with their frame ids, for people reviewing a query batch."""
+    from PIL import Image, ImageDraw
+
+    from alges_dist.data.frames import load_image
+
+    rows = max(1, -(-len(image_uris) // columns))
+    caption = 14
+    sheet = Image.new("RGB", (columns * thumb_px, rows * (thumb_px + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (uri, label) in enumerate(zip(image_uris, labels)):
+        thumb = Image.fromarray(load_image(uri, (thumb_px, thumb_px)))
+        x, y = (i % columns) * thumb_px, (i // columns) * (thumb_px + caption)
+        sheet.paste(thumb, (x, y))
+        draw.text((x + 2, y + thumb_px + 1), f"{i}: {label}"[:26], fill="black")
+    with atomic_path(out_png) as tmp:
+        sheet.save(tmp, format="PNG")
+    return out_png

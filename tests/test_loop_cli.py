@@ -121,3 +121,33 @@ def test_bad_config_fails_before_any_work(demo_manifest, tmp_path, capsys):
     assert code == 2
     assert "loop.budget=500" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_human_oracle_hands_off_then_imports_masks(ray_local, demo_manifest, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args("run", demo_manifest, out, "loop.strategies=[random]", "loop.n_rounds=1", "loop.oracle=human")
+    assert main(args) == 3  # waiting for people
+    handoff = out / "random" / "seed_0" / "round_00"
+    assert "alges label" in capsys.readouterr().out
+    picks = pq.read_table(handoff / "selection.parquet")["frame_id"].to_pylist()
+    listed = list(csv.DictReader(open(handoff / "to_annotate.csv")))
+    assert [r["frame_id"] for r in listed] == picks and (handoff / "to_annotate.png").stat().st_size > 0
+    # people return masks: here the pool's own, copied under the frame ids
+    table, encoding = read_manifest(demo_manifest)
+    masks = tmp_path / "returned"
+    masks.mkdir()
+    mask_of = dict(zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist()))
+    for f in picks[:-1]:
+        (masks / f"{f}.png").write_bytes(open(mask_of[f], "rb").read())
+    assert main(["label", "--out", str(out), "--masks", str(masks), "--strategy", "random"]) == 2
+    assert picks[-1] in capsys.readouterr().err  # names the frame without a mask; nothing written
+    (masks / f"{picks[-1]}.png").write_bytes(open(mask_of[picks[-1]], "rb").read())
+    assert main(["label", "--out", str(out), "--masks", str(masks), "--strategy", "random"]) == 0
+    labeled, _ = read_manifest(out / "random" / "seed_0" / "manifest.parquet")
+    got = {f: (r, m) for f, r, m in zip(labeled["frame_id"].to_pylist(), labeled["labeled_round"].to_pylist(),
+                                        labeled["mask_uri"].to_pylist())}
+    assert all(got[f][0] == 1 and got[f][1].startswith(str(masks)) for f in picks)
+    assert main(args) == 0
+    assert [r["round"] for r in _results(out)] == ["0", "1"]
