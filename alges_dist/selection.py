@@ -172,17 +172,20 @@ class PoolShard:
         if self.augmented:
             d_store = -(-(d + _N_AUG) // 8) * 8  # rows padded to 16 bytes
             self.x = torch.zeros(n, d_store, dtype=storage_dtype, device=device)
-            shift, input_sq = shift.to(device, torch.float32), []
+            shift, input_sq = shift.to(device, torch.float32), torch.empty(n, dtype=torch.float64, device=device)
+            # one reused float32 block, in-place ops: per-block temporaries fragment the heap and
+            # raised peak RSS by 2-3x the storage at N=200k (measured)
+            buf = torch.empty(min(chunk_size, n), d, dtype=torch.float32, device=device)
             for a in range(0, n, chunk_size):
                 b = min(a + chunk_size, n)
-                xc = rows[a:b].to(device, torch.float32)
-                input_sq.append(torch.linalg.vector_norm(xc, dim=1).double().square())
-                xc = (xc - shift) * scale
-                self.x[a:b, :d] = xc.to(storage_dtype)
-                sq = self.x[a:b, :d].double().pow(2).sum(1)  # norms of the rounded rows
+                xc = buf[:b - a]
+                xc.copy_(rows[a:b])
+                input_sq[a:b] = torch.linalg.vector_norm(xc, dim=1).square()
+                self.x[a:b, :d].copy_(xc.sub_(shift).mul_(scale))
+                sq = xc.copy_(self.x[a:b, :d]).square_().sum(1, dtype=torch.float64)  # of the rounded rows
                 for j in range(3):
-                    self.x[a:b, d + j] = sq.to(storage_dtype)
-                    sq = sq - self.x[a:b, d + j].double()
+                    self.x[a:b, d + j] = sq
+                    sq -= self.x[a:b, d + j]
                 self.x[a:b, d + 3:d + 6] = 1
             perm = list(range(d)) + [d + 3, d + 4, d + 5, d, d + 1, d + 2] + list(range(d + 6, d_store))
             self._q_perm = torch.tensor(perm, device=device)  # query: (-2 x', 1, 1, 1, ||x'||^2 terms, 0)
@@ -197,7 +200,7 @@ class PoolShard:
             xn = self.x[:, d:d + 3].double().sum(1)
         else:  # one fused reduction over x, no (N, d) temporary
             xn = torch.linalg.vector_norm(self.x, dim=1).double().square()
-        input_sq = torch.cat(input_sq) if self.augmented else xn
+        input_sq = input_sq if self.augmented else xn
         i = int(torch.argmax(input_sq)) if n else 0
         # (squared norm, global index) of the largest-norm input row: k-center's start without labels
         self.largest_input_norm = (float(input_sq[i]) if n else -math.inf, offset + i)
