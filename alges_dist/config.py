@@ -99,7 +99,16 @@ class SelectionConfig(_Section):
     device: str = "auto"
     backend: Literal["auto", "faiss", "torch"] = "auto"
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    kmeanspp_local_trials: int | None = Field(None, ge=1)
+    kmeanspp_local_trials: int | Literal["auto"] | None = Field(
+        None, description='null: plain D^2 sampling (paper, BADGE); "auto": scikit-learn\'s 2 + log(budget) trials.'
+    )
+
+    @field_validator("kmeanspp_local_trials")
+    @classmethod
+    def _positive_trials(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be >= 1, null or 'auto', got {v}")
+        return v
 
 
 class LoopConfig(_Section):

@@ -217,14 +217,14 @@ class Experiment:
     def select(self, strategy: str, seed: int, r: int) -> None:
         spec, cfg = STRATEGIES[strategy], self.cfg
         table = self.manifest(strategy, seed).table
-        labeled_ids = set(filter_manifest(table, split="pool", labeled=True)["frame_id"].to_pylist())
+        labeled_ids = filter_manifest(table, split="pool", labeled=True)["frame_id"]
         if spec.score is None:
             candidates = filter_manifest(table, split="pool", labeled=False).select(["frame_id"])
         else:
             scores = read_scores(self.round_dir(strategy, seed, r) / "scores")
             candidates = scores.filter(pc.is_null(scores["error"]))  # undecodable frames are never picked
         ids = candidates["frame_id"].to_numpy(zero_copy_only=False)
-        labeled = np.isin(ids, list(labeled_ids))
+        labeled = pc.is_in(candidates["frame_id"], value_set=labeled_ids.combine_chunks()).to_numpy(zero_copy_only=False)
         if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
             candidates, ids, labeled = candidates.filter(pa.array(~labeled)), ids[~labeled], labeled[~labeled]
         column = spec.score
