@@ -57,7 +57,7 @@ _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 # many bytes. On the CPU a fresh tensor above glibc's 32 MiB mmap threshold costs page
 # faults every time (measured: exp into a new 42 MB tensor 28 ms, into an existing one
 # 8 ms); below it the allocator reuses memory. CUDA's caching allocator has no such cost.
-_CHUNK_BYTES = {"cpu": 8 << 20}
+_CHUNK_BYTES = {"cpu": 4 << 20}
 _CHUNK_BYTES_DEFAULT = 1 << 30
 
 
@@ -278,14 +278,11 @@ def _chunk_scores(
     costs 1-3% of the forward pass), hence in-place updates and no one-hot tensor.
     """
     n, n_classes, height, width = logits.shape
-    pad_w = kernel_size[1] // 2 if upsample is None else 0
-    top, label = torch.max(logits, dim=1)  # (n, H, W): max logit, pseudo-label y
+    top, label = _max_and_first_argmax(logits)  # (n, H, W): max logit, pseudo-label y
     shifted = logits.sub_(top.unsqueeze(1))  # (n, K, H, W): logit - max, <= 0
     # exp(logit - max) off the label (exactly 1 at it): the softmax without cancellation,
-    # 1 - p_y = rest_sum / total, even for confident pixels. When the grad goes straight
-    # into the head's weight gradient, it is born with that matmul's zero right columns.
-    rest = _empty_with_zero_right_columns(logits, pad_w)  # (n, K, H, W) view
-    torch.exp(shifted, out=rest)
+    # 1 - p_y = rest_sum / total, even for confident pixels.
+    rest = shifted.exp()
     rest.scatter_(1, label.unsqueeze(1), 0.0)
     rest_sum = rest.sum(dim=1)  # (n, H, W)
     total = rest_sum + 1.0  # softmax denominator
@@ -335,15 +332,24 @@ def _chunk_scores(
     }
 
 
-def _empty_with_zero_right_columns(like: torch.Tensor, n_columns: int) -> torch.Tensor:
-    """An uninitialised tensor shaped as `like` (n, K, H, W), as the left part of a
-    (n, K, H, W + n_columns) buffer whose extra columns are zero."""
-    if not n_columns:
-        return torch.empty_like(like, memory_format=torch.contiguous_format)
-    n, channels, height, width = like.shape
-    buffer = like.new_empty(n, channels, height, width + n_columns)
-    buffer[..., width:] = 0.0
-    return buffer[..., :width]
+def _max_and_first_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.max(logits, dim=1) for (n, K, H, W): the max and the first class reaching it.
+
+    amax plus an equality test is 1.6x faster than torch.max's index tracking over the
+    strided class dim here (CPU, 13 classes, 224 px).
+
+    Raises:
+        ValueError: NaN in the logits (no class reaches a NaN max).
+    """
+    n_classes = logits.shape[1]
+    top = logits.amax(dim=1)  # (n, H, W)
+    if torch.isnan(top).any():
+        raise ValueError("the network's output has NaN logits; no pseudo-label exists there")
+    dtype = torch.uint8 if n_classes < 256 else torch.int32
+    # K - k at the maxima, 0 elsewhere: the largest value marks the first maximum
+    countdown = torch.arange(n_classes, 0, -1, dtype=dtype, device=logits.device)
+    reached = (logits == top.unsqueeze(1)) * countdown.view(1, n_classes, 1, 1)
+    return top, n_classes - reached.amax(dim=1).long()
 
 
 def _head_weight_gradient(
@@ -352,31 +358,24 @@ def _head_weight_gradient(
     """sum_uv grad_conv[:, k, u, v] * z_pad[:, c, u + a, v + b], the weight gradient of a
     stride-1 "same" conv, per image: (n, K, h, w), (n, C, h, w) -> (n, K, C, kh, kw).
 
-    One batched matmul per tap on shifted views; no unfolded copy of z. grad_conv may
-    be the left part of a buffer with kw // 2 zero right columns (saves a copy).
+    One batched matmul per tap on shifted views; no unfolded copy of z.
     """
     n, n_classes, height, width = grad_conv.shape
     n_inputs = z.shape[1]
     kh, kw = kernel_size
     pad_h, pad_w = kh // 2, kw // 2
     pitch = width + 2 * pad_w  # row length of the padded grid
-    # z zero-padded and channels-last, flattened over pixels: (n, (h + 2 pad_h) * pitch, C).
-    # Channels-last makes each tap a plain (pixels, C) slice; MKL multiplies that ~2x
-    # faster than the transposed NCHW view (measured with 2 threads).
-    z_flat = z.new_empty(n, height + 2 * pad_h, pitch, n_inputs)
-    if pad_h or pad_w:
-        z_flat[:, :pad_h] = 0.0
-        z_flat[:, pad_h + height :] = 0.0
-        z_flat[:, :, :pad_w] = 0.0
-        z_flat[:, :, pad_w + width :] = 0.0
-    z_flat[:, pad_h : pad_h + height, pad_w : pad_w + width] = z.permute(0, 2, 3, 1)
-    z_flat = z_flat.view(n, -1, n_inputs)
+    # z zero-padded, channels-last, flattened over pixels: (n, (h + 2 pad_h) * pitch, C).
+    # Each tap is then a plain (pixels, C) slice, which MKL multiplies ~2x faster than
+    # the transposed NCHW view on 2 threads; pad-then-convert is the fastest way there
+    # (measured, 224 px, 16 channels: 1.0 ms vs 2.3 ms for a transposed copy).
+    z_padded = F.pad(z, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else z
+    z_flat = z_padded.contiguous(memory_format=torch.channels_last)
+    z_flat = z_flat.permute(0, 2, 3, 1).reshape(n, -1, n_inputs)  # a view
     # grad_conv on the same pitch (zero right columns): tap (a, b) is the flat offset
     # a * pitch + b, and a pixel never wraps into the next row.
-    if pad_w and grad_conv.stride(2) != pitch:
-        grad_conv = F.pad(grad_conv, (0, 2 * pad_w))
-    elif pad_w:  # a view of a (n, K, h, pitch) buffer whose extra columns are zero
-        grad_conv = grad_conv.as_strided((n, n_classes, height, pitch), grad_conv.stride())
+    if pad_w:
+        grad_conv = F.pad(grad_conv, (0, 2 * pad_w))  # (n, K, h, pitch)
     length = height * pitch - 2 * pad_w  # the last row's zero columns are never needed
     grad_flat = grad_conv.reshape(n, n_classes, height * pitch)[:, :, :length]
     taps = [
@@ -452,11 +451,16 @@ def _unfolded_inner_products(
         )
     if kh == kw == 1:
         return inner
-    # sum over the kernel's taps: a zero-padded box filter of size (kh, kw)
-    box = F.avg_pool2d(
-        inner.unsqueeze(1), (kh, kw), stride=1, padding=(kh // 2, kw // 2), count_include_pad=True
-    )
-    return box.squeeze(1).mul_(kh * kw)
+    # sum over the kernel's taps: a zero-padded (kh, kw) box sum, as shifted adds
+    # (avg_pool2d takes 1 ms per 224 px map here, the adds 0.1 ms)
+    padded = F.pad(inner, (kw // 2, kw // 2, kh // 2, kh // 2))  # (n, h + kh - 1, w + kw - 1)
+    rows = padded[:, :height].clone()
+    for a in range(1, kh):
+        rows += padded[:, a : a + height]  # (n, h, w + kw - 1)
+    box = rows[:, :, :width].clone()
+    for b in range(1, kw):
+        box += rows[:, :, b : b + width]
+    return box
 
 
 def _band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
