@@ -29,7 +29,7 @@ from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path
 from alges_dist.data.frames import FrameDecodeError, load_image, normalize_images
 from alges_dist.models import build_model
-from alges_dist.scoring import score_batch, score_dims
+from alges_dist.scoring import ProjectionCache, score_batch, score_dims
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class Scorer:
         self.model.to(self.device).eval()
         self.dims = score_dims(self.model, feature_grid=self.opts.feature_grid, projection_dim=self.opts.projection_dim)
         self.schema = scores_schema(self.dims)
+        self.projections = ProjectionCache()  # the JL matrix is drawn once per actor
         self.fault = fault_injection or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -91,6 +92,7 @@ class Scorer:
                 projection_dim=self.opts.projection_dim,
                 projection_seed=self.opts.projection_seed,
                 autocast_dtype=_AUTOCAST[self.opts.autocast],
+                projection_cache=self.projections,
             )
             scores = {k: v.float().cpu().numpy() for k, v in out.items()}
         for name, d in self.dims.items():
