@@ -108,6 +108,27 @@ class HeadSpec(NamedTuple):
         """Interpolation mode after the conv ("bilinear", "nearest"), "identity" if none."""
         return "identity" if self.upsample is None else self.upsample.mode
 
+    def upsampling_matrices(
+        self, conv_size: tuple[int, int], device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The upsampling as matrices, upsample(x) = rows @ x @ cols.T per channel, with
+        rows (H, h) and cols (W, w) for a conv output of conv_size = (h, w); None when
+        the head does not upsample. Scoring carries dL/dlogits back with their
+        transposes (the adjoint).
+
+        Built by applying `upsample` itself to identity images, so they hold exactly the
+        model's interpolation weights (align_corners and all).
+        """
+        if self.upsample is None:
+            return None
+        height, width = conv_size
+        # the identity as `height` one-column images, and `width` one-row images
+        eye_rows = torch.eye(height, device=device).view(height, 1, height, 1)
+        eye_cols = torch.eye(width, device=device).view(width, 1, 1, width)
+        rows = self.upsample(eye_rows)[:, 0, :, 0]  # (h, H)
+        cols = self.upsample(eye_cols)[:, 0, 0, :]  # (w, W)
+        return rows.T.contiguous(), cols.T.contiguous()
+
 
 # Interpolations that act on rows and columns separately (one 1-D kernel per axis):
 # the only ones whose adjoint scoring builds from two small matrices.

@@ -108,3 +108,25 @@ def test_head_spec_rejects_a_non_separable_upsampling():
     model.segmentation_head[1] = nn.Upsample(scale_factor=4, mode="area")
     with pytest.raises(ValueError, match="not separable"):
         head_spec(model)
+
+
+@pytest.mark.parametrize(
+    "upsample",
+    [
+        nn.Upsample(scale_factor=4, mode="bilinear", align_corners=True),  # smp's
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Upsample(scale_factor=3, mode="nearest"),
+        nn.Upsample(scale_factor=2, mode="bicubic", align_corners=False),
+    ],
+    ids=["bilinear_aligned", "bilinear", "nearest", "bicubic"],
+)
+def test_upsampling_matrices_reproduce_the_upsampling(upsample):
+    model = small_model("fpn")
+    model.segmentation_head[1] = upsample
+    rows, cols = head_spec(model).upsampling_matrices((5, 7))
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rows @ x @ cols.T, upsample(x))
+
+
+def test_upsampling_matrices_none_without_upsampling():
+    assert head_spec(small_model("unet")).upsampling_matrices((8, 8)) is None
