@@ -250,6 +250,7 @@ def head_scores(
         )
     pixel_weights = _pixel_weights(valid_mask, n_images, (height, width), logits.device)
 
+    norm_terms = None if upsample is None else _norm_terms(*upsample)
     bytes_per_image = n_classes * height * width * 4
     budget = _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_DEFAULT)
     per_chunk = max(1, budget // bytes_per_image)
@@ -259,7 +260,7 @@ def head_scores(
         weights = None if pixel_weights is None else pixel_weights[part]
         chunks.append(
             _chunk_scores(
-                logits[part], head_input[part], spec.conv.kernel_size, upsample, weights
+                logits[part], head_input[part], spec.conv.kernel_size, upsample, norm_terms, weights
             )
         )
     scores = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
@@ -273,11 +274,13 @@ def _chunk_scores(
     z: torch.Tensor,
     kernel_size: tuple[int, int],
     upsample: tuple[torch.Tensor, torch.Tensor] | None,
+    norm_terms: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None,
     pixel_weights: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """score_batch's math for a few images; shapes as head_scores (n images).
 
-    upsample: the head's upsampling as (H, h) and (W, w) matrices, None if it has none.
+    upsample: the head's upsampling as (H, h) and (W, w) matrices, None if it has none;
+    norm_terms: _norm_terms(*upsample).
     Every pass over (n, K, H, W) counts (Unet-resnet18 at 224 px on this 2-core CPU: each
     costs ~0.5% of the forward pass), hence in-place updates and no one-hot tensor.
     """
@@ -309,7 +312,7 @@ def _chunk_scores(
     if upsample is not None:  # carried back through the upsampling: U_rows^T G U_cols
         up_rows, up_cols = upsample
         grad_conv = up_rows.T @ (grad_logits @ up_cols)  # (n, K, h, w)
-        input_norm = _upsampled_unfolded_norms(z, kernel_size, up_rows, up_cols)  # (n, H, W)
+        input_norm = _upsampled_unfolded_norms(z, kernel_size, norm_terms)  # (n, H, W)
     else:
         grad_conv = grad_logits
         input_norm = _unfolded_inner_products(z, kernel_size, 0, 0).sqrt_()  # (n, H, W)
@@ -393,33 +396,42 @@ def _head_weight_gradient(
     return torch.stack(taps, dim=-1).view(n, n_classes, n_inputs, kh, kw)
 
 
-def _upsampled_unfolded_norms(
-    z: torch.Tensor,
-    kernel_size: tuple[int, int],
-    up_rows: torch.Tensor,
-    up_cols: torch.Tensor,
-) -> torch.Tensor:
-    """||U(unfold(z))_ij||_2 at every output pixel: (n, C, h, w) -> (n, H, W).
+def _norm_terms(
+    up_rows: torch.Tensor, up_cols: torch.Tensor
+) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """The (dy, dx, N_dy, M_dx) terms of _upsampled_unfolded_norms for an upsampling
+    U(x) = up_rows x up_cols^T, up_rows (H, h), up_cols (W, w).
 
-    U(x) = up_rows x up_cols^T with up_rows (H, h), up_cols (W, w). Expanding the square,
-        ||U(x)_ij||^2 = sum_(dy, dx) (N_dy G_(dy, dx) M_dx^T)_ij,
-    where G_(dy, dx)[u, v] = <x_uv, x_(u+dy, v+dx)> is a map at the conv's resolution,
+    Expanding the square, ||U(x)_ij||^2 = sum_(dy, dx) (N_dy G_(dy, dx) M_dx^T)_ij, where
+    G_(dy, dx)[u, v] = <x_uv, x_(u+dy, v+dx)> is a map at the conv's resolution,
     N_dy[i, u] = up_rows[i, u] up_rows[i, u + dy] and M_dx likewise for columns. An
     interpolation mixes only neighbouring pixels, so few offsets have N, M != 0 (dy, dx
-    in {-1, 0, 1} for bilinear), and the (-dy, -dx) term equals the (dy, dx) one. No
-    (n, C, H, W) tensor is ever formed.
+    in {-1, 0, 1} for bilinear), and the (-dy, -dx) term equals the (dy, dx) one: half
+    the offsets, counted twice (the 2 is folded into N_dy).
     """
     span_rows, span_cols = _band_span(up_rows), _band_span(up_cols)
-    squared = 0.0
+    terms = []
     for dy in range(span_rows):
-        pairs_rows = _offset_products(up_rows, dy)  # (H, h), N_dy
         for dx in range(1 - span_cols, span_cols):
             if dy == 0 and dx < 0:
                 continue  # the mirror of (0, -dx)
-            pairs_cols = _offset_products(up_cols, dx)  # (W, w), M_dx
-            inner = _unfolded_inner_products(z, kernel_size, dy, dx)  # (n, h, w)
-            term = pairs_rows @ inner @ pairs_cols.T  # (n, H, W)
-            squared = squared + (term if dy == dx == 0 else 2.0 * term)
+            twice = 1.0 if dy == dx == 0 else 2.0
+            rows = _offset_products(up_rows, dy).mul_(twice)  # (H, h)
+            terms.append((dy, dx, rows, _offset_products(up_cols, dx)))  # cols (W, w)
+    return terms
+
+
+def _upsampled_unfolded_norms(
+    z: torch.Tensor,
+    kernel_size: tuple[int, int],
+    terms: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """||U(unfold(z))_ij||_2 at every output pixel: (n, C, h, w) -> (n, H, W), from the
+    terms of _norm_terms. No (n, C, H, W) tensor is ever formed."""
+    squared = 0.0
+    for dy, dx, rows, cols in terms:
+        inner = _unfolded_inner_products(z, kernel_size, dy, dx)  # (n, h, w)
+        squared = squared + rows @ inner @ cols.T  # (n, H, W)
     return squared.clamp_(min=0.0).sqrt_()
 
 

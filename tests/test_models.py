@@ -37,7 +37,8 @@ def test_registry_holds_the_supported_architectures():
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("Unet", smp.Unet), ("DeepLabV3Plus", smp.DeepLabV3Plus), ("FPN", smp.FPN)]
+    ("name", "expected"),
+    [("Unet", smp.Unet), ("DeepLabV3Plus", smp.DeepLabV3Plus), ("FPN", smp.FPN)],
 )
 def test_architecture_lookup_ignores_case(name, expected):
     assert architecture_class(name) is expected

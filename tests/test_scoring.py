@@ -182,7 +182,9 @@ def test_projection_reproducible_from_seed_and_equals_documented_matrix():
     torch.testing.assert_close(gaussian_projection_matrix(in_dim, 16, seed=7), documented)
     torch.testing.assert_close(scores["alges_img_proj"], scores["alges_img"] @ documented)
     cache = ProjectionCache()
-    cached = score_batch(model, images, projection_dim=16, projection_seed=7, projection_cache=cache)
+    cached = score_batch(
+        model, images, projection_dim=16, projection_seed=7, projection_cache=cache
+    )
     assert torch.equal(cached["alges_img_proj"], scores["alges_img_proj"])
     assert cache.matrix(seed=7, in_dim=in_dim, out_dim=16, device=images.device) is cache.matrix(
         seed=7, in_dim=in_dim, out_dim=16, device=images.device
@@ -266,7 +268,8 @@ def test_invalid_inputs_raise_with_the_value_received():
     empty[1] = False
     with pytest.raises(ValueError, match=r"no valid pixel in frames \[1\]"):
         score_batch(model, images, valid_mask=empty)
-    with pytest.raises(ValueError, match=r"valid_mask has shape \(2, 32, 32\); expected \(2, 64, 64\)"):
+    wrong_shape = r"valid_mask has shape \(2, 32, 32\); expected \(2, 64, 64\)"
+    with pytest.raises(ValueError, match=wrong_shape):
         score_batch(model, images, valid_mask=torch.ones(2, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match="images must be a float"):
         score_batch(model, images[0])
