@@ -254,14 +254,25 @@ class PoolShard:
     def distances(self, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
         """(n, T) squared distances from every row to the T query rows (from ``query_rows``)."""
         rows, sq_norms = rows.to(self.device), sq_norms.to(self.device)
-        if self.augmented:
+        if self.augmented:  # the rows carry their norms: x_aug . q = ||x' - c'||^2
             q = rows[:, self._q_perm] * self._q_mul  # (T, d_store)
-            d2 = (torch.mv(self.x, q[0])[:, None] if q.shape[0] == 1 else self.x @ q.T).to(self.compute_dtype)
-        elif rows.shape[0] == 1:
-            d2 = torch.addmv(self.xn, self.x, rows[0], alpha=-2)[:, None] + sq_norms  # (n, 1)
+            d2 = self._dot(q).to(self.compute_dtype)
         else:
-            d2 = torch.addmm(self.xn[:, None], self.x, rows.T, alpha=-2) + sq_norms  # (n, T)
+            d2 = torch.add(self.xn[:, None], self._dot(rows), alpha=-2).add_(sq_norms)  # (n, T)
         return d2.masked_fill_(d2 <= self.thr[:, None] + self.tol * sq_norms, 0)
+
+    def _dot(self, q: torch.Tensor) -> torch.Tensor:
+        """(n, T) x @ q.T: the one pass over the rows per pick.
+
+        float32/float64 rows on the CPU go through numpy's OpenBLAS: torch's MKL gemv runs
+        ~1.7x slower on this project's AMD CPU (scripts/bench_selection.py floor row: numpy
+        X @ c 19.6 ms vs torch.mv 32.6 ms at 200k x 512; addmv slower still). Half rows use
+        torch's native half mv (OpenBLAS has none); CUDA uses torch (cuBLAS).
+        """
+        if self.device.type == "cpu" and not self.augmented:
+            x = self.x.numpy()
+            return torch.from_numpy(np.dot(x, q[0].numpy())[:, None] if q.shape[0] == 1 else np.dot(x, q.numpy().T))
+        return torch.mv(self.x, q[0])[:, None] if q.shape[0] == 1 else self.x @ q.T
 
     def add_center(self, d2: torch.Tensor, local_idx: torch.Tensor | None) -> None:
         """Fold one center's distances (n,) in; local_idx: the center, if this shard holds it."""
