@@ -11,11 +11,12 @@ pieces on Ray actors, one shard each.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -153,13 +154,14 @@ class PoolShard:
     squared distance to the chosen set.
 
     float32/float64 storage keeps the rows as given (no copy for a contiguous float32 array
-    on the device) and computes ||x||^2 - 2 x.c + ||c||^2 with one addmv per pick.
+    on the device) and computes ||x||^2 - 2 x.c + ||c||^2 with one matrix-vector product per pick.
     Half storage (bfloat16/float16) holds x' = (x - shift) * scale, |x'| <= 1, with ||x'||^2
     appended as three half terms (hi, mid, lo) and three ones columns, so one native half mv
     returns ||x' - c'||^2 itself: the output rounding is relative to the distance, not to the
     norms, and no float32 copy of the rows is made per pick (half the bytes of float32).
-    Values below the expansion's rounding error (tol * (||x||^2 + ||c||^2)) count as 0, so
-    duplicates are at distance 0 exactly.
+    Squared distances at or below ``zero_d2`` = 2 tol max||x||^2 (+ a float16 floor), the
+    expansion's rounding error, count as 0: duplicates are at distance 0. The test is applied
+    where it matters (D^2 weights, the fill rule, reported radii), not per pick to all N rows.
     """
 
     def __init__(self, rows: torch.Tensor, *, offset: int, device: torch.device,
@@ -191,11 +193,8 @@ class PoolShard:
             self._q_perm = torch.tensor(perm, device=device)  # query: (-2 x', 1, 1, 1, ||x'||^2 terms, 0)
             self._q_mul = torch.tensor([-2.0] * d + [1.0] * _N_AUG + [0.0] * (d_store - d - _N_AUG),
                                        dtype=storage_dtype, device=device)
-            # float16 subnormals: absolute rounding up to ~2^-24 per term (rows scaled to |x'| <= 1)
-            floor = 2.0**-20
         else:
             self.x = rows.to(device, storage_dtype).contiguous()  # no copy when already in place
-            floor = 0.0
         if self.augmented:  # (n,) squared norms of the stored (rounded) rows, as the appended terms
             xn = self.x[:, d:d + 3].double().sum(1)
         else:  # one fused reduction over x, no (N, d) temporary
@@ -207,7 +206,8 @@ class PoolShard:
         self.xn = xn.to(self.compute_dtype)
         if not bool(torch.isfinite(self.xn).all()):
             raise ValueError("squared row norms overflow; rescale x (e.g. divide by its largest absolute value)")
-        self.thr = self.tol * self.xn + floor  # (n,) zero threshold without the center's share
+        self.max_sq_norm = float(self.xn.max()) if n else 0.0
+        self.zero_d2 = zero_threshold(self.tol, self.max_sq_norm, storage_dtype)  # sharded: pool-wide value
         self.set_labeled(np.zeros(n, bool))
 
     def set_labeled(self, labeled: np.ndarray) -> None:
@@ -217,13 +217,14 @@ class PoolShard:
         self.has_labeled = bool(labeled.any())
         self.min_d2 = torch.where(self.candidate, math.inf, 0.0).to(self.compute_dtype)  # (n,)
         self._cached_d2: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
         self._start = (self.min_d2.clone(), self.candidate.clone())
 
     def reset(self) -> None:
         """Back to the state after ``init_labeled_distances``: no picks yet."""
         self.min_d2.copy_(self._start[0])
         self.candidate.copy_(self._start[1])
-        self._cached_d2 = None
+        self._cached_d2 = self._weights = None
 
     # -- rows ---------------------------------------------------------------------------
     def plain_rows(self, local_idx: torch.Tensor) -> torch.Tensor:
@@ -245,21 +246,18 @@ class PoolShard:
         knn = _faiss_nearest if backend == "faiss" else _torch_nearest
         for a in range(0, self.n, cs):
             b = min(a + cs, self.n)
-            d2, nearest = knn(self.x[a:b, :self.d].to(self.compute_dtype), self.xn[a:b], ref, ref_sq, cs)
-            d2 = d2.to(self.compute_dtype)
-            d2.masked_fill_(d2 <= self.thr[a:b] + self.tol * ref_sq[nearest], 0)
-            self.min_d2[a:b] = torch.where(self.candidate[a:b], d2, self.min_d2[a:b])
+            d2 = knn(self.x[a:b, :self.d].to(self.compute_dtype), self.xn[a:b], ref, ref_sq, cs)
+            self.min_d2[a:b] = torch.where(self.candidate[a:b], d2.to(self.compute_dtype), self.min_d2[a:b])
         self._start = (self.min_d2.clone(), self.candidate.clone())
 
     def distances(self, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-        """(n, T) squared distances from every row to the T query rows (from ``query_rows``)."""
+        """(n, T) squared distances from every row to the T query rows (from ``query_rows``);
+        values within rounding of 0 (<= zero_d2, possibly negative) are not cleaned here."""
         rows, sq_norms = rows.to(self.device), sq_norms.to(self.device)
         if self.augmented:  # the rows carry their norms: x_aug . q = ||x' - c'||^2
             q = rows[:, self._q_perm] * self._q_mul  # (T, d_store)
-            d2 = self._dot(q).to(self.compute_dtype)
-        else:
-            d2 = torch.add(self.xn[:, None], self._dot(rows), alpha=-2).add_(sq_norms)  # (n, T)
-        return d2.masked_fill_(d2 <= self.thr[:, None] + self.tol * sq_norms, 0)
+            return self._dot(q).to(self.compute_dtype)
+        return torch.add(self.xn[:, None], self._dot(rows), alpha=-2).add_(sq_norms)  # (n, T)
 
     def _dot(self, q: torch.Tensor) -> torch.Tensor:
         """(n, T) x @ q.T: the one pass over the rows per pick.
@@ -286,7 +284,7 @@ class PoolShard:
         d2 = self.distances(rows, sq_norms)
         torch.minimum(d2, self.min_d2[:, None], out=d2)
         self._cached_d2 = d2
-        return d2.sum(0, dtype=torch.float64)
+        return torch.where(d2 > self.zero_d2, d2, 0).sum(0, dtype=torch.float64)
 
     def add_trial(self, best: torch.Tensor | int, local_idx: torch.Tensor | None) -> None:
         self.add_center(self._cached_d2.index_select(1, torch.as_tensor(best, device=self.device).view(1))[:, 0],
@@ -300,8 +298,10 @@ class PoolShard:
         return self.min_d2.index_select(0, i)[0], i[0]
 
     def d2_mass(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of min_d2 in float64, number of candidates): this shard's D^2 and fill mass."""
-        return self.min_d2.sum(dtype=torch.float64), self.candidate.sum()
+        """(D^2 mass in float64, number of candidates) of this shard; keeps the D^2 weights
+        (min_d2, 0 at or below zero_d2) for the next ``draw``."""
+        self._weights = torch.where(self.min_d2 > self.zero_d2, self.min_d2, 0).to(torch.float64)
+        return self._weights.sum(), self.candidate.sum()
 
     def draw(self, targets: torch.Tensor, fill: torch.Tensor | bool) -> torch.Tensor:
         """Local indices (T,) at cumulative D^2 mass targets (T,) in [0, mass).
@@ -310,9 +310,9 @@ class PoolShard:
         Searching side=right past a clamp below the total never lands on a zero-weight row.
         """
         if isinstance(fill, bool):  # decided on the host (first pick, sharded driver)
-            w = (self.candidate if fill else self.min_d2).to(torch.float64)
+            w = self.candidate.to(torch.float64) if fill else self._weights
         else:
-            w = torch.where(fill, self.candidate.to(torch.float64), self.min_d2.to(torch.float64))
+            w = torch.where(fill, self.candidate.to(torch.float64), self._weights)
         cum = torch.cumsum(w, 0)  # (n,)
         top = torch.nextafter(cum[-1], cum.new_zeros(()))
         targets = torch.minimum(targets.to(self.device, torch.float64).clamp_min(0), top)
@@ -320,17 +320,13 @@ class PoolShard:
 
 
 def _torch_nearest(q, q_sq, ref, ref_sq, chunk_size):
-    """(squared distance, index) of the nearest ref row for each query row; ref in blocks."""
+    """(nq,) squared distance from each query row to its nearest ref row; ref in blocks."""
     best = torch.full((q.shape[0],), math.inf, dtype=q.dtype, device=q.device)
-    nearest = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for a in range(0, ref.shape[0], chunk_size):
         # (nq, L_block) ||r||^2 - 2 q.r; ||q||^2 is the same along a row: added to the minimum only
         block = torch.addmm(ref_sq[None, a:a + chunk_size], q, ref[a:a + chunk_size].T, alpha=-2)
-        idx = block.argmin(dim=1)  # (nq,); min(dim=) stalls ~10 ms per call on 2 busy cores
-        val = block.gather(1, idx[:, None])[:, 0] + q_sq
-        better = val < best
-        best, nearest = torch.where(better, val, best), torch.where(better, idx + a, nearest)
-    return best, nearest
+        torch.minimum(best, block.amin(dim=1), out=best)  # amin: min(dim=) stalls ~10 ms on busy cores
+    return best + q_sq
 
 
 _FAISS_GPU_RESOURCES: dict[int, Any] = {}  # one StandardGpuResources per device, made on first use
@@ -342,8 +338,7 @@ def _faiss_nearest(q, q_sq, ref, ref_sq, chunk_size):
 
     q32, ref32 = q.float().contiguous(), ref.float().contiguous()
     if not q.is_cuda:
-        d2, idx = faiss.knn(q32.numpy(), ref32.numpy(), 1)
-        return torch.from_numpy(d2[:, 0]), torch.from_numpy(idx[:, 0])
+        return torch.from_numpy(faiss.knn(q32.numpy(), ref32.numpy(), 1)[0][:, 0])
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if dev not in _FAISS_GPU_RESOURCES:
         res = faiss.StandardGpuResources()
@@ -360,7 +355,7 @@ def _faiss_nearest(q, q_sq, ref, ref_sq, chunk_size):
     torch.cuda.synchronize(q.device)  # faiss runs on its own stream: inputs ready, outputs awaited
     faiss.bfKnn(_FAISS_GPU_RESOURCES[dev], args)
     torch.cuda.synchronize(q.device)
-    return d2[:, 0], idx[:, 0]
+    return d2[:, 0]
 
 
 def _faiss_ptr(t: torch.Tensor):
@@ -372,7 +367,9 @@ def _faiss_ptr(t: torch.Tensor):
 # ---- single-device preparation ----------------------------------------------------------------
 def storage_shift(row_sum: torch.Tensor, n: int, storage_dtype: torch.dtype) -> torch.Tensor | None:
     """Half storage stores rows centered on the pool mean (distances are translation-invariant)."""
-    return (row_sum / max(n, 1)).float() if storage_dtype in HALF_DTYPES else None
+    # rounded to bfloat16: the mean need not be exact, and then float64 summation order
+    # (one device vs shards) cannot change the stored rows
+    return (row_sum / max(n, 1)).to(torch.bfloat16).float() if storage_dtype in HALF_DTYPES else None
 
 
 def row_sum(rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -389,9 +386,18 @@ def max_centered_sq_norm(rows: torch.Tensor, shift: torch.Tensor, chunk_size: in
                 for a in range(0, rows.shape[0], chunk_size)), default=0.0)
 
 
+def zero_threshold(tol: float, max_sq_norm: float, storage_dtype: torch.dtype) -> float:
+    """Squared distances at or below this are 0 within the rounding of ||x||^2 - 2 x.c + ||c||^2
+    (2 tol max||x||^2); half storage adds float16's subnormal floor (rows scaled to norm <= 1)."""
+    return 2 * tol * max_sq_norm + (2.0**-20 if storage_dtype in HALF_DTYPES else 0.0)
+
+
 def storage_scale(max_sq_norm: float, storage_dtype: torch.dtype) -> float:
-    """Half storage scales rows to norm <= 1 (float16's range); 1.0 otherwise."""
-    return 1.0 / math.sqrt(max_sq_norm) if storage_dtype in HALF_DTYPES and max_sq_norm > 0 else 1.0
+    """Half storage scales rows to norm <= 1 (float16's range) by a power of two: exact, and
+    last-bit differences in max_sq_norm (one device vs shards) do not change it; 1.0 otherwise."""
+    if storage_dtype not in HALF_DTYPES or max_sq_norm <= 0:
+        return 1.0
+    return 2.0 ** -math.ceil(0.5 * math.log2(max_sq_norm))
 
 
 def _prepare(x, labeled_mask, budget, *, device, backend, storage_dtype, chunk_size):
@@ -417,10 +423,32 @@ def _prepare(x, labeled_mask, budget, *, device, backend, storage_dtype, chunk_s
     return pool, budget, backend
 
 
-def finish(picks, pick_d2, scale: float, n_fill: int, backend: str, seconds: tuple[float, float]) -> Selection:
+def finish(picks, pick_d2, scale: float, zero_d2: float, n_fill: int, backend: str,
+           seconds: tuple[float, float]) -> Selection:
     """Selection from picks and their squared distances (host arrays, storage units)."""
-    radii = (np.sqrt(np.asarray(pick_d2, np.float64)) / scale).astype(np.float32)
+    pick_d2 = np.where(np.asarray(pick_d2, np.float64) <= zero_d2, 0.0, pick_d2)  # rounding noise is 0
+    radii = (np.sqrt(pick_d2) / scale).astype(np.float32)
     return Selection(np.asarray(picks, np.int64), radii, int(n_fill), backend, *seconds)
+
+
+@contextlib.contextmanager
+def _loop_threads(pool: PoolShard) -> Iterator[None]:
+    """One torch thread during a CPU float32/float64 greedy loop, restored after.
+
+    There the pass over the rows is numpy's OpenBLAS (its own threads); torch only runs O(N)
+    vector ops, which gain nothing from 2 threads and stall on a core another process holds:
+    interleaved on this shared 2-core machine, the median step fell from 1.7x to 1.0x of one
+    plain numpy pass (one thread) at 200k x 512.
+    """
+    if pool.device.type != "cpu" or pool.augmented:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _synced_clock(device: torch.device) -> float:
@@ -430,14 +458,15 @@ def _synced_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def kcenter_random_fill(picks: np.ndarray, pick_d2: np.ndarray, labeled: np.ndarray, seed: int) -> int:
+def kcenter_random_fill(picks: np.ndarray, pick_d2: np.ndarray, labeled: np.ndarray, seed: int,
+                        zero_d2: float) -> int:
     """Replace, in place, the k-center picks made after every distance reached 0; returns their count.
 
     Distances only shrink, so once the farthest remaining row is at distance 0 every later
     pick is too: those picks are a suffix, made here on the host after the loop (no per-pick
     cost) as the remaining rows in a seeded random order (torch.randperm(N, seed)).
     """
-    zero = np.flatnonzero(pick_d2 <= 0)
+    zero = np.flatnonzero(pick_d2 <= zero_d2)
     if zero.size == 0:
         return 0
     t0 = int(zero[0])
@@ -488,13 +517,14 @@ def kcenter_greedy(x, labeled_mask, budget, *, seed: int = 0, device="auto", bac
                                      storage_dtype=storage_dtype, chunk_size=chunk_size)
     start = torch.tensor(pool.largest_input_norm[1], device=pool.device)
     t1 = _synced_clock(pool.device)
-    picks, pick_d2 = _kcenter_loop(pool, budget, start)
+    with _loop_threads(pool):
+        picks, pick_d2 = _kcenter_loop(pool, budget, start)
     picks, pick_d2 = picks.cpu().numpy(), pick_d2.cpu().numpy()  # the one host transfer
-    n_fill = kcenter_random_fill(picks, pick_d2, check_labeled_mask(labeled_mask), seed)
+    n_fill = kcenter_random_fill(picks, pick_d2, check_labeled_mask(labeled_mask), seed, pool.zero_d2)
     t2 = time.perf_counter()
     log.info("k-center greedy: %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
              budget, t2 - t1, (t2 - t1) / max(budget, 1) * 1e3, t1 - t0)
-    return finish(picks, pick_d2, pool.scale, n_fill, backend, (t1 - t0, t2 - t1))
+    return finish(picks, pick_d2, pool.scale, pool.zero_d2, n_fill, backend, (t1 - t0, t2 - t1))
 
 
 def _kcenter_loop(pool: PoolShard, budget: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,12 +560,13 @@ def kmeanspp(x, labeled_mask, budget, seed: int, *, local_trials: int | str | No
                                      storage_dtype=storage_dtype, chunk_size=chunk_size)
     u = kmeanspp_uniforms(budget, n_trials, seed).to(pool.device)
     t1 = _synced_clock(pool.device)
-    picks, pick_d2, n_fill = _kmeanspp_loop(pool, budget, u)
+    with _loop_threads(pool):
+        picks, pick_d2, n_fill = _kmeanspp_loop(pool, budget, u)
     picks, pick_d2, n_fill = picks.cpu().numpy(), pick_d2.cpu().numpy(), int(n_fill)  # the one host transfer
     t2 = time.perf_counter()
     log.info("k-means++ (%d trials): %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
              n_trials, budget, t2 - t1, (t2 - t1) / max(budget, 1) * 1e3, t1 - t0)
-    return finish(picks, pick_d2, pool.scale, n_fill, backend, (t1 - t0, t2 - t1))
+    return finish(picks, pick_d2, pool.scale, pool.zero_d2, n_fill, backend, (t1 - t0, t2 - t1))
 
 
 def _kmeanspp_loop(pool: PoolShard, budget: int, u: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -44,12 +44,15 @@ class _ShardActor:
     def max_centered_sq_norm(self, shift: torch.Tensor) -> float:
         return sel.max_centered_sq_norm(self.rows, shift, self.chunk_size)
 
-    def build(self, *, device, storage_dtype, shift, scale, backend) -> tuple[float, int, str]:
+    def build(self, *, device, storage_dtype, shift, scale, backend) -> tuple[float, int, str, float]:
         device = sel.resolve_device(device, self.rows)
         self.backend = sel.resolve_backend(backend, device)
         self.pool = sel.PoolShard(self.rows, offset=self.offset, device=device, storage_dtype=storage_dtype,
                                   shift=shift, scale=scale, chunk_size=self.chunk_size)
-        return (*self.pool.largest_input_norm, self.backend)
+        return (*self.pool.largest_input_norm, self.backend, self.pool.max_sq_norm)
+
+    def set_zero_d2(self, zero_d2: float) -> None:
+        self.pool.zero_d2 = zero_d2  # pool-wide, as on one device
 
     def labeled_rows(self, labeled: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Start a selection with this block's labeled mask; returns its labeled rows and norms."""
@@ -141,8 +144,11 @@ class ShardedSelector:
         built = ray.get([a.build.remote(device=device, storage_dtype=storage_dtype, shift=shift, scale=self.scale,
                                         backend=backend) for a in self.actors])
         # largest input norm, first index among ties: k-center's start without labeled rows
-        _, neg_g = max((v, -g) for v, g, _ in built)
+        _, neg_g = max((v, -g) for v, g, _, _ in built)
         self.largest, self.backend = -neg_g, built[0][2]
+        tol = 64 * torch.finfo(torch.float64 if storage_dtype == torch.float64 else torch.float32).eps
+        self.zero_d2 = sel.zero_threshold(tol, max(m for *_, m in built), storage_dtype)
+        ray.get([a.set_zero_d2.remote(self.zero_d2) for a in self.actors])
         log.info("sharded selection pool: %d rows over %d actors, %s storage, labeled kNN: %s",
                  n, len(self.actors), storage_dtype, self.backend)
 
@@ -192,8 +198,9 @@ class ShardedSelector:
                 d2, g, rows, sq = max(candidates, key=lambda c: (c[0], -c[1]))
             picks[t], pick_d2[t] = g, d2
             candidates = self._broadcast("kcenter_step", rows, sq, owner_idx=g)
-        n_fill = sel.kcenter_random_fill(picks, pick_d2, self.labeled, seed)
-        return sel.finish(picks, pick_d2, self.scale, n_fill, self.backend, (t1 - t0, time.perf_counter() - t1))
+        n_fill = sel.kcenter_random_fill(picks, pick_d2, self.labeled, seed, self.zero_d2)
+        return sel.finish(picks, pick_d2, self.scale, self.zero_d2, n_fill, self.backend,
+                          (t1 - t0, time.perf_counter() - t1))
 
     def kmeanspp(self, labeled_mask, budget: int, seed: int, *, local_trials: int | str | None = None) -> Selection:
         """``selection.kmeanspp`` over the shards: the same uniforms, inverse-CDF over per-shard totals."""
@@ -222,7 +229,8 @@ class ShardedSelector:
                 g, d2 = trials[best][:2]
                 masses = self._broadcast("add_trial", best, owner_idx=g)
             picks[t], pick_d2[t] = g, d2
-        return sel.finish(picks, pick_d2, self.scale, n_fill, self.backend, (t1 - t0, time.perf_counter() - t1))
+        return sel.finish(picks, pick_d2, self.scale, self.zero_d2, n_fill, self.backend,
+                          (t1 - t0, time.perf_counter() - t1))
 
     def _draw(self, u: np.ndarray, weights: list[float], fill: bool) -> list[tuple]:
         """(global index, min_d2, row, squared norm) per uniform: shard by inverse-CDF over the
