@@ -79,7 +79,11 @@ def build_model(
     model = model_class(
         encoder_name=encoder, encoder_weights=encoder_weights, classes=classes, **kwargs
     )
-    head_spec(model)  # fail at build time, not in the first scoring batch
+    spec = head_spec(model)  # fail at build time, not in the first scoring batch
+    log.debug(
+        "built %s-%s: head conv %s, then %s x%g", arch, encoder, spec.conv, spec.mode,
+        spec.scale_factor,
+    )
     return model
 
 

@@ -156,9 +156,12 @@ def score_batch(
             (B,); "feature" (B, C_in * feature_grid^2); "alges_img_proj"
             (B, projection_dim) when projection_dim is set.
 
+    Bit-for-bit deterministic on the CPU. On CUDA "alges_sem" is summed with atomic
+    adds (index_add_), so reruns may differ in the last bits.
+
     Raises:
         ValueError: bad shapes, dtypes or options; a frame without valid pixels;
-            non-finite scores (NaN/inf in the network's output).
+            NaN logits or non-finite scores (the message lists the frames).
     """
     _check_options(feature_grid, projection_dim)
     _check_images(images, valid_mask, autocast_dtype)
@@ -260,7 +263,8 @@ def head_scores(
         weights = None if pixel_weights is None else pixel_weights[part]
         chunks.append(
             _chunk_scores(
-                logits[part], head_input[part], spec.conv.kernel_size, upsample, norm_terms, weights
+                logits[part], head_input[part], spec.conv.kernel_size, upsample, norm_terms,
+                weights, first_frame=start,
             )
         )
     scores = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
@@ -276,16 +280,22 @@ def _chunk_scores(
     upsample: tuple[torch.Tensor, torch.Tensor] | None,
     norm_terms: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None,
     pixel_weights: torch.Tensor | None,
+    *,
+    first_frame: int,
 ) -> dict[str, torch.Tensor]:
     """score_batch's math for a few images; shapes as head_scores (n images).
 
     upsample: the head's upsampling as (H, h) and (W, w) matrices, None if it has none;
-    norm_terms: _norm_terms(*upsample).
+    norm_terms: _norm_terms(*upsample). first_frame: index of the first image in the batch.
     Every pass over (n, K, H, W) counts (Unet-resnet18 at 224 px on this 2-core CPU: each
     costs ~0.5% of the forward pass), hence in-place updates and no one-hot tensor.
     """
     n, n_classes, height, width = logits.shape
     top, label = _max_and_first_argmax(logits)  # (n, H, W): max logit, pseudo-label y
+    has_nan = torch.isnan(top).flatten(1).any(dim=1)  # (n,)
+    if has_nan.any():
+        frames = (has_nan.nonzero().flatten() + first_frame).tolist()
+        raise ValueError(f"NaN logits in frames {frames} of the batch: no pseudo-label there")
     shifted = logits.sub_(top.unsqueeze(1))  # (n, K, H, W): logit - max, <= 0
     # exp(logit - max) off the label (exactly 1 at it): the softmax without cancellation,
     # 1 - p_y = rest_sum / total, even for confident pixels.
@@ -345,13 +355,10 @@ def _max_and_first_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     amax plus an equality test is 1.6x faster than torch.max's index tracking over the
     strided class dim here (CPU, 13 classes, 224 px).
 
-    Raises:
-        ValueError: NaN in the logits (no class reaches a NaN max).
+    Where the max is NaN the label is K (out of range): callers check the max first.
     """
     n_classes = logits.shape[1]
     top = logits.amax(dim=1)  # (n, H, W)
-    if torch.isnan(top).any():
-        raise ValueError("the network's output has NaN logits; no pseudo-label exists there")
     dtype = torch.uint8 if n_classes < 256 else torch.int32
     # K - k at the maxima, 0 elsewhere: the largest value marks the first maximum
     countdown = torch.arange(n_classes, 0, -1, dtype=dtype, device=logits.device)

@@ -277,3 +277,7 @@ def test_invalid_inputs_raise_with_the_value_received():
         score_batch(model, images, projection_dim=0)
     with pytest.raises(ValueError, match="autocast_dtype"):
         score_batch(model, images, autocast_dtype=torch.float64)
+    broken = images.clone()
+    broken[1, :, :4, :4] = float("nan")  # eval mode: only frame 1's output turns NaN
+    with pytest.raises(ValueError, match=r"NaN logits in frames \[1\] of the batch"):
+        score_batch(model, broken)
