@@ -20,6 +20,7 @@ freed memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import subprocess
@@ -125,9 +126,9 @@ def setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     cache = ProjectionCache()
 
     def autocast_context():
-        return torch.autocast(
-            device.type, dtype=autocast or torch.float32, enabled=autocast is not None
-        )
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast)
 
     def plain() -> None:
         with torch.inference_mode(), autocast_context():
@@ -179,7 +180,6 @@ def main() -> None:
             run()
         print(peak.peak_bytes)
         return
-    peaks = {method: peak_memory(args, method) for method in LABELS}
     methods = setup(args)
     for run in methods.values():  # warm-up
         run()
@@ -192,10 +192,13 @@ def main() -> None:
             synchronize(device)
             seconds[method].append(time.perf_counter() - start)
 
+    load_after_timing = os.getloadavg()[0]
+    del methods  # free the model before the memory runs
+    peaks = {method: peak_memory(args, method) for method in LABELS}
     best = {method: min(times) for method, times in seconds.items()}
-    fps = {method: args.batch / best[method] for method in methods}
+    fps = {method: args.batch / best[method] for method in best}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f} at the end"
+        f"CPU, {args.threads} threads, 1-min load average {load_after_timing:.1f} after timing"
     )
     print(
         f"{args.arch}-{args.encoder}, {args.classes} classes, {args.size}x{args.size}, "
