@@ -26,7 +26,14 @@ def init_ray(*, dashboard: bool = True, num_cpus: int | None = None) -> dict:
             ray.init()
         else:
             # Local workers inherit this process's environment (HF_HUB_OFFLINE etc.).
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+            # Ray's own INFO lines (every checkpoint, every worker start) drown the round's
+            # log on a laptop; warnings and worker errors still reach the console.
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                logging_config=ray.LoggingConfig(log_level="WARNING"),
+            )
     resources = ray.cluster_resources()
     log.info(
         "Ray: %d CPUs, %d GPUs, %.1f GB object store",
