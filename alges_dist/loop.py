@@ -241,7 +241,8 @@ class Experiment:
         out = pa.table({
             "pick_rank": pa.array(np.arange(len(picked.indices)), pa.int32()),
             "frame_id": pa.array(ids[picked.indices], pa.string()),
-            "value": pa.array(picked.radii, pa.float32()),
+            # distance to the chosen set at pick time; for top-k, the score it ranked by
+            "value": pa.array(values[picked.indices, 0] if spec.method == "top-k" else picked.radii, pa.float32()),
         })
         with atomic_path(self.round_dir(strategy, seed, r) / "selection.parquet") as tmp:
             pq.write_table(out, tmp)

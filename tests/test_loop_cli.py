@@ -111,7 +111,10 @@ def test_stage_commands_stop_after_their_stage(ray_local, demo_manifest, tmp_pat
     assert main(_args("score", demo_manifest, out, *base)) == 0
     assert (round0 / "scores").is_dir() and not (round0 / "selection.parquet").exists()
     assert main(_args("select", demo_manifest, out, *base)) == 0
-    assert pq.read_table(round0 / "selection.parquet").num_rows == 3
+    picked = pq.read_table(round0 / "selection.parquet")
+    assert picked.num_rows == 3
+    margins = picked["value"].to_pylist()  # margin ranks smallest first
+    assert margins == sorted(margins) and all(0 <= m <= 1 for m in margins)
     assert main(_args("round", demo_manifest, out, *base)) == 0
     assert [r["round"] for r in _results(out)] == ["0"]
 
