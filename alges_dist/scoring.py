@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -256,15 +257,17 @@ def head_scores(
     norm_terms = None if upsample is None else _norm_terms(*upsample)
     bytes_per_image = n_classes * height * width * 4
     budget = _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_DEFAULT)
-    per_chunk = max(1, budget // bytes_per_image)
+    per_chunk = min(n_images, max(1, budget // bytes_per_image))
+    kernel_size = spec.conv.kernel_size
+    workspace = _workspace(per_chunk, logits, head_input, kernel_size)
     chunks = []
     for start in range(0, n_images, per_chunk):
         part = slice(start, start + per_chunk)
         weights = None if pixel_weights is None else pixel_weights[part]
         chunks.append(
             _chunk_scores(
-                logits[part], head_input[part], spec.conv.kernel_size, upsample, norm_terms,
-                weights, first_frame=start,
+                logits[part], head_input[part], kernel_size, upsample, norm_terms, weights,
+                workspace, first_frame=start,
             )
         )
     scores = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
@@ -280,18 +283,21 @@ def _chunk_scores(
     upsample: tuple[torch.Tensor, torch.Tensor] | None,
     norm_terms: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None,
     pixel_weights: torch.Tensor | None,
+    workspace: _Workspace,
     *,
     first_frame: int,
 ) -> dict[str, torch.Tensor]:
     """score_batch's math for a few images; shapes as head_scores (n images).
 
     upsample: the head's upsampling as (H, h) and (W, w) matrices, None if it has none;
-    norm_terms: _norm_terms(*upsample). first_frame: index of the first image in the batch.
+    norm_terms: _norm_terms(*upsample); workspace: _workspace for >= n images;
+    first_frame: index of the first image in the batch.
     Every pass over (n, K, H, W) counts (Unet-resnet18 at 224 px on this 2-core CPU: each
     costs ~0.5% of the forward pass), hence in-place updates and no one-hot tensor.
     """
     n, n_classes, height, width = logits.shape
-    top, label = _max_and_first_argmax(logits)  # (n, H, W): max logit, pseudo-label y
+    # (n, H, W): max logit, pseudo-label y
+    top, label = _max_and_first_argmax(logits, workspace.first_max[:n])
     has_nan = torch.isnan(top).flatten(1).any(dim=1)  # (n,)
     if has_nan.any():
         frames = (has_nan.nonzero().flatten() + first_frame).tolist()
@@ -299,13 +305,14 @@ def _chunk_scores(
     shifted = logits.sub_(top.unsqueeze(1))  # (n, K, H, W): logit - max, <= 0
     # exp(logit - max) off the label (exactly 1 at it): the softmax without cancellation,
     # 1 - p_y = rest_sum / total, even for confident pixels.
-    rest = shifted.exp()
+    rest = torch.exp(shifted, out=workspace.softmax[:n])
     rest.scatter_(1, label.unsqueeze(1), 0.0)
     rest_sum = rest.sum(dim=1)  # (n, H, W)
     total = rest_sum + 1.0  # softmax denominator
     second = rest.amax(dim=1)  # exp(second logit - max)
     # ||p - onehot(y)||_2 (x * x: vector_norm over dim 1 is 40x and square() 5x slower here)
-    residual_norm = (rest * rest).sum(dim=1).add_(rest_sum * rest_sum).sqrt_().div_(total)
+    squares = torch.mul(rest, rest, out=workspace.squares[:n]).sum(dim=1)
+    residual_norm = squares.add_(rest_sum * rest_sum).sqrt_().div_(total)
     # sum_k p_k log p_k = sum_{k != y} rest_k shifted_k / total - log(total)
     neg_entropy = shifted.mul_(rest).sum(dim=1).div_(total).sub_(total.log())
     pixel_maps = torch.stack(
@@ -325,8 +332,11 @@ def _chunk_scores(
         input_norm = _upsampled_unfolded_norms(z, kernel_size, norm_terms)  # (n, H, W)
     else:
         grad_conv = grad_logits
-        input_norm = _unfolded_inner_products(z, kernel_size, 0, 0).sqrt_()  # (n, H, W)
-    weight_grad = _head_weight_gradient(grad_conv, z, kernel_size)  # (n, K, C_in, kh, kw)
+        input_norm = _unfolded_inner_products(  # (n, H, W)
+            z, kernel_size, 0, 0, squares=workspace.input_squares[:n]
+        ).sqrt_()
+    # (n, K, C_in, kh, kw)
+    weight_grad = _head_weight_gradient(grad_conv, z, kernel_size, workspace.taps)
 
     pixel_grad_norm = residual_norm.mul_(input_norm)  # ||G_ij||_F, (n, H, W)
     if pixel_weights is not None:
@@ -349,30 +359,87 @@ def _chunk_scores(
     }
 
 
-def _max_and_first_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _max_and_first_argmax(
+    logits: torch.Tensor, scratch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.max(logits, dim=1) for (n, K, H, W): the max and the first class reaching it.
 
     amax plus an equality test is 1.6x faster than torch.max's index tracking over the
-    strided class dim here (CPU, 13 classes, 224 px).
-
+    strided class dim here (CPU, 13 classes, 224 px). scratch: (n, K, H, W) integer.
     Where the max is NaN the label is K (out of range): callers check the max first.
     """
     n_classes = logits.shape[1]
     top = logits.amax(dim=1)  # (n, H, W)
-    dtype = torch.uint8 if n_classes < 256 else torch.int32
     # K - k at the maxima, 0 elsewhere: the largest value marks the first maximum
-    countdown = torch.arange(n_classes, 0, -1, dtype=dtype, device=logits.device)
-    reached = (logits == top.unsqueeze(1)) * countdown.view(1, n_classes, 1, 1)
+    countdown = torch.arange(n_classes, 0, -1, dtype=scratch.dtype, device=logits.device)
+    reached = torch.eq(logits, top.unsqueeze(1), out=scratch)
+    reached.mul_(countdown.view(1, n_classes, 1, 1))
     return top, n_classes - reached.amax(dim=1).long()
 
 
+class _TapBuffers(NamedTuple):
+    """Zero-bordered buffers for _head_weight_gradient, reused by every chunk of a batch:
+    a fresh multi-MB tensor per chunk costs page faults on the CPU (measured: 3 ms per
+    224 px image for pad + channels-last copy, 0.5 ms into these)."""
+
+    z_padded: torch.Tensor  # (n, C, h + kh - 1, w + kw - 1), zero border
+    z_channels_last: torch.Tensor  # the same shape, channels-last memory format
+    grad_padded: torch.Tensor  # (n, K, h, w + kw - 1), zero right columns
+
+
+def _tap_buffers(
+    n: int, n_classes: int, z_shape: torch.Size, kernel_size: tuple[int, int], like: torch.Tensor
+) -> _TapBuffers:
+    n_inputs, height, width = z_shape[1:]
+    kh, kw = kernel_size
+    padded = (n, n_inputs, height + kh - 1, width + kw - 1)
+    return _TapBuffers(
+        z_padded=like.new_zeros(padded),
+        z_channels_last=like.new_empty(padded).contiguous(memory_format=torch.channels_last),
+        grad_padded=like.new_zeros(n, n_classes, height, width + kw - 1),
+    )
+
+
+class _Workspace(NamedTuple):
+    """Buffers that every chunk of a batch reuses instead of allocating its own: on the
+    CPU, fresh multi-MB tensors cost page faults chunk after chunk (measured: 1-3 ms per
+    224 px image each), which glibc's heap trimming brings back every chunk."""
+
+    softmax: torch.Tensor  # (n, K, H, W) float32: exp(logit - max), then dL/dlogits
+    squares: torch.Tensor  # (n, K, H, W) float32 scratch
+    first_max: torch.Tensor  # (n, K, H, W) uint8 (int32 for K >= 256) scratch
+    input_squares: torch.Tensor  # (n, C, h, w) float32 scratch
+    taps: _TapBuffers | None  # for a kh x kw > 1 head
+
+
+def _workspace(
+    n: int, logits: torch.Tensor, z: torch.Tensor, kernel_size: tuple[int, int]
+) -> _Workspace:
+    """A _Workspace for chunks of up to n images of (B, K, H, W) logits, (B, C, h, w) z."""
+    n_classes, height, width = logits.shape[1:]
+    shape = (n, n_classes, height, width)
+    return _Workspace(
+        softmax=logits.new_empty(shape),
+        squares=logits.new_empty(shape),
+        first_max=logits.new_empty(
+            shape, dtype=torch.uint8 if n_classes < 256 else torch.int32
+        ),
+        input_squares=z.new_empty(n, *z.shape[1:]),
+        taps=None if kernel_size == (1, 1) else _tap_buffers(n, n_classes, z.shape, kernel_size, z),
+    )
+
+
 def _head_weight_gradient(
-    grad_conv: torch.Tensor, z: torch.Tensor, kernel_size: tuple[int, int]
+    grad_conv: torch.Tensor,
+    z: torch.Tensor,
+    kernel_size: tuple[int, int],
+    buffers: _TapBuffers | None = None,
 ) -> torch.Tensor:
     """sum_uv grad_conv[:, k, u, v] * z_pad[:, c, u + a, v + b], the weight gradient of a
     stride-1 "same" conv, per image: (n, K, h, w), (n, C, h, w) -> (n, K, C, kh, kw).
 
-    One batched matmul per tap on shifted views; no unfolded copy of z.
+    One batched matmul per tap on shifted views; no unfolded copy of z. buffers: from
+    _tap_buffers for at least n images (allocated here when None).
     """
     n, n_classes, height, width = grad_conv.shape
     n_inputs = z.shape[1]
@@ -383,18 +450,23 @@ def _head_weight_gradient(
         return grad.view(n, n_classes, n_inputs, 1, 1)
     pad_h, pad_w = kh // 2, kw // 2
     pitch = width + 2 * pad_w  # row length of the padded grid
+    if buffers is None:
+        buffers = _tap_buffers(n, n_classes, z.shape, kernel_size, z)
     # z zero-padded, channels-last, flattened over pixels: (n, (h + 2 pad_h) * pitch, C).
     # Each tap is then a plain (pixels, C) slice, which MKL multiplies ~2x faster than
-    # the transposed NCHW view on 2 threads; pad-then-convert is the fastest way there
-    # (measured, 224 px, 16 channels: 1.0 ms vs 2.3 ms for a transposed copy).
-    z_padded = F.pad(z, (pad_w, pad_w, pad_h, pad_h))
-    z_flat = z_padded.contiguous(memory_format=torch.channels_last)
+    # the transposed NCHW view on 2 threads; a padded copy, then a channels-last copy, is
+    # the fastest way there (224 px, 16 channels: 0.5 ms vs 1.0 ms for a permuted copy).
+    z_padded = buffers.z_padded[:n]
+    z_padded[:, :, pad_h : pad_h + height, pad_w : pad_w + width] = z
+    z_flat = buffers.z_channels_last[:n]
+    z_flat.copy_(z_padded)
     z_flat = z_flat.permute(0, 2, 3, 1).reshape(n, -1, n_inputs)  # a view
     # grad_conv on the same pitch (zero right columns): tap (a, b) is the flat offset
     # a * pitch + b, and a pixel never wraps into the next row.
-    grad_conv = F.pad(grad_conv, (0, 2 * pad_w))  # (n, K, h, pitch)
+    grad_padded = buffers.grad_padded[:n]  # (n, K, h, pitch)
+    grad_padded[..., :width] = grad_conv
     length = height * pitch - 2 * pad_w  # the last row's zero columns are never needed
-    grad_flat = grad_conv.reshape(n, n_classes, height * pitch)[:, :, :length]
+    grad_flat = grad_padded.view(n, n_classes, height * pitch)[:, :, :length]
     taps = [
         torch.bmm(grad_flat, z_flat[:, a * pitch + b : a * pitch + b + length])  # (n, K, C)
         for a in range(kh)
@@ -462,17 +534,22 @@ def _band_span(matrix: torch.Tensor) -> int:
 
 
 def _unfolded_inner_products(
-    z: torch.Tensor, kernel_size: tuple[int, int], dy: int, dx: int
+    z: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dy: int,
+    dx: int,
+    squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """<unfold(z)_uv, unfold(z)_(u+dy, v+dx)> for every (u, v): (n, C, h, w) -> (n, h, w).
 
     unfold = the kh x kw zero-padded patches of the head conv; pairs reaching outside
     the image count only their inside taps (callers give those pairs weight 0).
+    squares: optional (n, C, h, w) scratch for dy = dx = 0.
     """
     kh, kw = kernel_size
     n, _, height, width = z.shape
     if dy == dx == 0:
-        inner = (z * z).sum(dim=1)  # (n, h, w)
+        inner = torch.mul(z, z, out=squares).sum(dim=1)  # (n, h, w)
     else:  # <z_pq, z_(p+dy, q+dx)>, 0 where the partner is outside
         inner = z.new_zeros(n, height, width)
         rows = slice(max(0, -dy), height - max(0, dy))
