@@ -16,13 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import pyarrow.compute as pc
 import torch
 
 from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path
 from alges_dist.data.frames import FrameDataset
-from alges_dist.data.manifest import read_manifest
+from alges_dist.data.manifest import filter_manifest, read_manifest
 from alges_dist.evaluation import evaluate
 from alges_dist.models import build_model
 
@@ -32,15 +31,6 @@ log = logging.getLogger(__name__)
 class TrainResult(NamedTuple):
     model_path: Path
     history: list[dict[str, Any]]  # one entry per epoch: epoch, train_loss, val_dice, val_miou
-
-
-def labeled_pool_rows(table):
-    """Rows of the pool split that carry a label (labeled_round not null)."""
-    return table.filter(pc.and_(pc.equal(table["split"], "pool"), pc.is_valid(table["labeled_round"])))
-
-
-def split_rows(table, split: str):
-    return table.filter(pc.equal(table["split"], split))
 
 
 def initial_weights(cfg: Config, path: Path, seed: int) -> Path:
@@ -67,8 +57,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     table, encoding = read_manifest(loop_config["manifest"])
     size = tuple(cfg.data.image_size)
-    train_set = FrameDataset(labeled_pool_rows(table), encoding, size)
-    val_rows = split_rows(table, "val")
+    train_set = FrameDataset(filter_manifest(table, split="pool", labeled=True), encoding, size)
+    val_rows = filter_manifest(table, split="val")
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_set) > cfg.train.batch_size
     )
