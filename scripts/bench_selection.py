@@ -14,6 +14,10 @@ Peers run at --peers-n (the largest N they finish in ~5 minutes here), and ours 
 
     .venv/bin/python scripts/bench_selection.py                      # N=200k, d=512, 1k labeled, 1k picks
     .venv/bin/python scripts/bench_selection.py --n 20000 --budget 100 --peers-n 20000   # quick
+    python scripts/bench_selection.py --device cuda --n 2000000 --skip-peers     # GPU: data on the device
+On CUDA the pool is moved to the GPU before the clock starts (as after loading score
+shards there), the floor is one torch.mv over it, and memory is the peak allocated on the
+GPU (torch.cuda.max_memory_allocated) next to the embedding bytes.
 """
 
 from __future__ import annotations
@@ -48,15 +52,23 @@ def peak_rss_mb() -> float:
 def run_floor(x, labeled, budget):
     import torch
 
-    c, reps = x[0].copy(), min(budget, 100)
+    reps = min(budget, 100)
     per = {}
-    for name, one_pass in (("numpy X@c", lambda: x @ c), ("numpy X.sum(0)", lambda: x.sum(0)),
-                           ("torch mv", lambda: torch.mv(torch.from_numpy(x), torch.from_numpy(c)))):
+    if isinstance(x, torch.Tensor):  # CUDA: the data already lives on the device
+        c = x[0].clone()
+        passes = (("torch mv (cuda)", lambda: torch.mv(x, c)), ("torch sum(0) (cuda)", lambda: x.sum(0)))
+    else:
+        c = x[0].copy()
+        passes = (("numpy X@c", lambda: x @ c), ("numpy X.sum(0)", lambda: x.sum(0)),
+                  ("torch mv", lambda: torch.mv(torch.from_numpy(x), torch.from_numpy(c))))
+    for name, one_pass in passes:
         one_pass()
         times = []
         for _ in range(reps):
+            sync(x)
             t = time.perf_counter()
             one_pass()
+            sync(x)
             times.append(time.perf_counter() - t)
         per[name] = float(np.median(times))
     best = min(per, key=per.get)
@@ -64,10 +76,18 @@ def run_floor(x, labeled, budget):
             "note": f"fastest: {best}"}
 
 
+def sync(x) -> None:
+    if getattr(x, "is_cuda", False):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def run_ours(x, labeled, budget, storage_dtype, backend):
     from alges_dist.selection import kcenter_greedy
 
-    got = kcenter_greedy(x, labeled, budget, storage_dtype=storage_dtype, backend=backend, device="cpu")
+    device = "cuda" if getattr(x, "is_cuda", False) else "cpu"
+    got = kcenter_greedy(x, labeled, budget, storage_dtype=storage_dtype, backend=backend, device=device)
     return {"picks": got.indices.tolist(), "seconds_prepare": got.seconds_prepare,
             "seconds_picks": got.seconds_picks, "last_radius": float(got.radii[-1])}
 
@@ -118,17 +138,27 @@ def run_pairwise(x, labeled, budget):
     return {"picks": picks, "seconds_prepare": t1 - t0, "seconds_picks": time.perf_counter() - t1}
 
 
-IMPORTS = {"floor": ["torch"], **{k: ["torch", "faiss", "alges_dist.selection"] for k in OURS},
+IMPORTS = {"floor": ["torch"],
+           **{k: ["torch", *(["faiss"] if b == "faiss" else []), "alges_dist.selection"] for k, (_, b) in OURS.items()},
            "numpy-loop": [], "skactiveml": ["skactiveml.pool"], "pairwise": ["sklearn.metrics"]}
 
 
-def worker(name: str, n: int, d: int, n_labeled: int, budget: int) -> dict:
+def worker(name: str, n: int, d: int, n_labeled: int, budget: int, device: str = "cpu") -> dict:
     if name not in IMPORTS:
         raise ValueError(f"unknown contender {name!r}; valid: {list(IMPORTS)}")
     for module in IMPORTS[name]:  # libraries first: their RSS is the baseline, not the method's
         __import__(module)
     base_mb = peak_rss_mb()
     x, labeled = make_pool(n, d, n_labeled)
+    data_mb = x.nbytes / 2**20
+    gpu = {}
+    if device == "cuda":
+        import torch
+
+        x = torch.from_numpy(x).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu["gpu_base_mb"] = torch.cuda.memory_allocated() / 2**20
     if name == "floor":
         out = run_floor(x, labeled, budget)
     elif name in OURS:
@@ -139,14 +169,16 @@ def worker(name: str, n: int, d: int, n_labeled: int, budget: int) -> dict:
         out = run_skactiveml(x, labeled, budget)
     else:
         out = run_pairwise(x, labeled, budget)
-    return {**out, "name": name, "n": n, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": base_mb,
-            "data_mb": x.nbytes / 2**20}
+    if device == "cuda":
+        gpu["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return {**out, **gpu, "name": name, "n": n, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": base_mb,
+            "data_mb": data_mb}
 
 
 # ---- driver ------------------------------------------------------------------------------------------------
 def run_contender(name: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--n", str(n), "--d", str(args.d),
-           "--labeled", str(args.labeled), "--budget", str(args.budget)]
+           "--labeled", str(args.labeled), "--budget", str(args.budget), "--device", args.device]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
@@ -163,10 +195,11 @@ def covering_radius(n: int, args, picks: list[int]) -> float:
     import torch
 
     x, labeled = make_pool(n, args.d, args.labeled)
-    centers = torch.from_numpy(x[np.r_[np.flatnonzero(labeled), picks].astype(np.int64)])
+    dev = torch.device(args.device)
+    centers = torch.from_numpy(x[np.r_[np.flatnonzero(labeled), picks].astype(np.int64)]).to(dev)
     worst = 0.0
     for a in range(0, n, 4096):
-        block = torch.cdist(torch.from_numpy(x[a:a + 4096]), centers)  # (4096, L + B)
+        block = torch.cdist(torch.from_numpy(x[a:a + 4096]).to(dev), centers)  # (4096, L + B)
         worst = max(worst, float(block.amin(1).max()))
     return worst
 
@@ -208,12 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", help="run only these contenders")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per contender")
     p.add_argument("--repeat", type=int, default=2, help="runs of the floor and ours (best kept)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the pool on the GPU, ours with the torch backend (the peers stay CPU-only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.n, args.d, args.labeled, args.budget)))
+        print(json.dumps(worker(args.worker, args.n, args.d, args.labeled, args.budget, args.device)))
         return
     plan = [(name, args.n) for name in ("floor", *OURS, "numpy-loop")]
+    if args.device == "cuda":  # numpy and the peers have no GPU path; faiss only with faiss-gpu
+        from alges_dist.selection import faiss_has_gpu
+
+        plan = [(name, n) for name, n in plan if name not in ("numpy-loop", "ours-faiss") or
+                (name == "ours-faiss" and faiss_has_gpu())]
+        args.skip_peers = True
     if not args.skip_peers:
         plan += [(name, args.peers_n) for name in PEERS]
         if args.peers_n != args.n:
@@ -231,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nk-center greedy, d={args.d}, float32 data, {args.labeled} labeled, {args.budget} picks; "
           f"`python {' '.join(sys.argv)}`\n")
     print(table(results, args))
+    for r in results:
+        if "gpu_peak_mb" in r:
+            print(f"\n{r['name']} at N={r['n']:,}: GPU peak allocated {r['gpu_peak_mb']:.0f} MB = "
+                  f"{r['gpu_peak_mb'] / r['data_mb']:.2f}x the {r['data_mb']:.0f} MB of float32 embeddings "
+                  f"(target <= 1.3x + 300 MB = {1.3 * r['data_mb'] + 300:.0f} MB)", end="")
     floors = [r for r in results if r["name"] == "floor" and "error" not in r]
     for r in floors:
         print(f"\nfloor at N={r['n']:,}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["passes"].items()))
