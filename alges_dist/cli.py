@@ -71,11 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "official hex colours (#505050 -> 80), 'decimal' = the hex digits as decimals (50); "
                        "ingest names the other spelling when the values fit it")
     chole.add_argument("--config", type=Path, help="take the video split from data.split_videos of this config "
-                       "(default: the recorded paper split, configs/paper.yaml)")
+                       "(default: the recorded paper split, configs/paper_cholecseg8k.yaml)")
 
     for name, help_text in ROUND_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_round_args(p, default_out="runs/demo" if name == "demo" else None)
+    report = sub.add_parser(
+        "report", help="learning curves, tables, AULC and the last query batch of a run folder",
+        description="Write RUN/report/ (PNG figures, CSV and Markdown tables, report.html that opens offline) "
+        "from the run folder alone. `alges run` and `alges demo` do this at the end.")
+    report.add_argument("run", type=Path, help="the run folder (--out of alges run)")
+    report.add_argument("--metric", choices=["dice", "miou"], default="dice", help="metric of the AULC table")
     label = sub.add_parser(
         "label", help="import people's masks for a run's pending query batch (loop.oracle: human)",
         description="Set mask_uri and labeled_round for the picks of the pending round; every pick needs "
@@ -95,6 +101,25 @@ def _label(args: argparse.Namespace) -> int:
     r = Experiment(cfg, args.out, resolve_pool(cfg)).import_labels(args.strategy, args.seed, args.masks)
     print(f"labeled round {r + 1} of {args.strategy}/seed {args.seed}; rerun `alges run` to continue")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from alges_dist.report import write_report
+
+    _log_to(args.run)
+    path = write_report(args.run, metric=args.metric)
+    print((args.run / "report" / "aulc.md").read_text())
+    print(f"report: {path}")
+    return 0
+
+
+def _log_to(run: Path) -> None:
+    """Append this command's log to RUN/run.log (the run folder's history); main() detaches it."""
+    run.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.info("alges %s", " ".join(_argv))
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -122,45 +147,67 @@ def _rounds(args: argparse.Namespace) -> int:
     from alges_dist.config import load_config
     from alges_dist.distributed.runtime import init_ray
     from alges_dist.loop import Experiment, WaitingForLabels, resolve_pool
-    from alges_dist.report import format_results, plot_learning_curves
+    from alges_dist.report import format_results, write_report
 
     # --pool is an override like any other, so RUN/config.yaml records the pool used
     pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else Path(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
     pool = resolve_pool(cfg)
     exp = Experiment(cfg, args.out, pool)  # validates config against the pool first
+    _log_to(args.out)
     init_ray(dashboard=not args.no_dashboard)
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
-    try:
-        for strategy in cfg.loop.strategies:
-            for seed in cfg.loop.seeds:
-                exp.advance(strategy, seed, rounds=rounds, until=until)
-    except WaitingForLabels as waiting:
-        print(waiting)
-        return 3
+    runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
+    from tqdm import tqdm
+
+    # one tick per finished round; epochs (Ray Train workers) and scoring (Ray Data) have their own bars
+    total = len(runs) * (cfg.loop.n_rounds + 1 if rounds is None else 1)
+    with tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True) as bar:
+        def on_stage(stage: str, strategy: str, seed: int, r: int) -> None:
+            bar.set_postfix_str(f"{strategy} seed {seed} round {r}: {stage} done")
+            if stage == exp.stages(r)[-1]:
+                bar.update(1)
+
+        try:
+            for strategy, seed in runs:
+                exp.advance(strategy, seed, rounds=rounds, until=until, on_stage=on_stage)
+        except WaitingForLabels as waiting:
+            print(waiting)
+            return 3
     print(format_results(args.out / "results.csv"))
     if args.command in ("run", "demo"):
-        print(f"learning curves: {plot_learning_curves(args.out / 'results.csv', args.out / 'learning_curves.png')}")
+        print(f"report: {write_report(args.out)}")
     return 0
 
 
+_argv: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    global _argv
+    _argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        handler = {"ingest": _ingest, "label": _label}.get(args.command, _rounds)
+        handler = {"ingest": _ingest, "label": _label, "report": _report}.get(args.command, _rounds)
         return handler(args)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         # Bad input: one clear line, not a traceback (-v shows the traceback).
         if args.verbose:
             raise
         print(f"alges {args.command}: error: {exc}", file=sys.stderr)
+        log.error("alges %s: %s", args.command, exc)
         return 2
+    finally:
+        for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(handler)
+            handler.close()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class DataConfig(_Section):
     dice_classes: list[int] | None = Field(
         None, description="Classes averaged in the paper's Dice (paper: [0,1,2,3,4,5,9,10]); null = all."
     )
+    normalize: Literal["imagenet", "none"] = Field(
+        "imagenet", description="imagenet: mean/std of ImageNet; none: pixels / 255 only (the ALGES paper)."
+    )
     split_videos: dict[Literal["pool", "val", "test"], list[str]] | None = Field(
         None, description="Video-to-split assignment recorded for sources split by video (CholecSeg8k)."
     )
@@ -76,11 +79,15 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per Ray Train worker (also its torch threads).")
     use_gpu: bool | Literal["auto"] = "auto"
     init: Literal["retrain", "finetune"] = Field(
         "retrain", description="retrain: every round from the same initial weights (paper); finetune: from last round."
     )
     max_failures: int = Field(1, ge=0)
+    checkpoint_every: int = Field(
+        1, ge=1, description="Epochs between Ray Train checkpoints (the last epoch always has one)."
+    )
     seed: int = 0
 
 
@@ -116,6 +123,9 @@ class LoopConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0])
     n_rounds: int = Field(3, ge=1, description="Query rounds after the initial labeled set.")
     initial_labeled: int = Field(8, ge=1)
+    initial_seed: int = Field(
+        0, description="Draws the initial labeled set, shared by every strategy and seed of the experiment."
+    )
     budget: int = Field(8, ge=1, description="Frames queried per round.")
     oracle: Literal["simulated", "human"] = "simulated"
 

@@ -3,13 +3,18 @@
 Run folder layout (every stage's output is kept; a stage whose output exists is done):
 
     RUN/config.yaml                      resolved config of the run
-    RUN/initial/seed_S/init.pt           initial weights (every retrain starts here)
-    RUN/initial/seed_S/round_00/         round-0 model + eval, shared by all strategies
+    RUN/run.log                          the log of every command run on this folder
+    RUN/initial/manifest.parquet         the initial labeled set: one per experiment,
+                                         shared by every strategy and seed (as the paper)
+    RUN/initial/seed_S/init.pt           initial weights of seed S (every retrain starts here)
+    RUN/initial/seed_S/round_00/         round-0 model, eval and scores of seed S, shared by
+                                         all strategies (same labels, same weights)
     RUN/STRATEGY/seed_S/manifest.parquet this run's labels (labeled_round per frame)
-    RUN/STRATEGY/seed_S/round_RR/        model.pt, eval.json, scores/, errors.parquet,
+    RUN/STRATEGY/seed_S/round_RR/        model.pt, eval.json, scores/, errors.parquet (RR > 0),
                                          selection.parquet, record.json
     RUN/results.csv                      one row per (strategy, seed, round)
     RUN/queries.parquet                  one row per picked frame
+    RUN/report/                          alges report: curves, tables, report.html
 
 Outputs are written atomically, so ``alges run`` after a crash resumes from the last
 completed stage and never re-selects or re-labels.
@@ -100,11 +105,42 @@ def _round_seed(seed: int, round_index: int) -> int:
     return int(np.random.SeedSequence([seed, round_index + 1]).generate_state(1)[0])
 
 
-class Experiment:
+class RunLayout:
+    """Where each output of a run folder lives (read by the loop and by reports)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def run_dir(self, strategy: str, seed: int) -> Path:
+        return self.out / strategy / f"seed_{seed}"
+
+    def round_dir(self, strategy: str, seed: int, r: int) -> Path:
+        return self.run_dir(strategy, seed) / f"round_{r:02d}"
+
+    def model_dir(self, strategy: str, seed: int, r: int) -> Path:
+        # Round 0 trains on the same initial set from the same weights for every
+        # strategy: train, evaluate and score it once per seed.
+        if r == 0:
+            return self.out / "initial" / f"seed_{seed}" / "round_00"
+        return self.round_dir(strategy, seed, r)
+
+    def scores_dir(self, strategy: str, seed: int, r: int) -> Path:
+        return self.model_dir(strategy, seed, r) / "scores"
+
+    def manifest_path(self, strategy: str, seed: int) -> Path:
+        return self.run_dir(strategy, seed) / "manifest.parquet"
+
+    @property
+    def initial_manifest_path(self) -> Path:
+        return self.out / "initial" / "manifest.parquet"
+
+
+class Experiment(RunLayout):
     """One run folder: its config, pool and the (strategy, seed) runs inside it."""
 
     def __init__(self, cfg: Config, out: Path, pool: Path, *, use_gpu: bool | None = None):
-        self.cfg, self.out, self.pool = cfg, Path(out), Path(pool)
+        super().__init__(out)
+        self.cfg, self.pool = cfg, Path(pool)
         pool_manifest = read_manifest(self.pool)
         n_pool = filter_manifest(pool_manifest.table, split="pool").num_rows
         cfg.check_pool(n_pool, pool_manifest.encoding.n_classes, str(self.pool))
@@ -126,33 +162,22 @@ class Experiment:
             self._use_gpu = cluster_has_gpus() if self.cfg.train.use_gpu == "auto" else bool(self.cfg.train.use_gpu)
         return self._use_gpu
 
-    # ---- paths -------------------------------------------------------------------
-    def run_dir(self, strategy: str, seed: int) -> Path:
-        return self.out / strategy / f"seed_{seed}"
-
-    def round_dir(self, strategy: str, seed: int, r: int) -> Path:
-        return self.run_dir(strategy, seed) / f"round_{r:02d}"
-
-    def model_dir(self, strategy: str, seed: int, r: int) -> Path:
-        # Round 0 trains on the same initial set from the same weights for every
-        # strategy: train and evaluate it once per seed.
-        if r == 0:
-            return self.out / "initial" / f"seed_{seed}" / "round_00"
-        return self.round_dir(strategy, seed, r)
-
-    def manifest_path(self, strategy: str, seed: int) -> Path:
-        return self.run_dir(strategy, seed) / "manifest.parquet"
-
     # ---- state -------------------------------------------------------------------
-    def initial_manifest(self, seed: int) -> Path:
-        """The pool with the seed's initial labeled set as round 0 (shared by strategies)."""
-        path = self.out / "initial" / f"seed_{seed}" / "manifest.parquet"
+    def initial_manifest(self) -> Path:
+        """The pool with the experiment's initial labeled set as round 0.
+
+        Drawn once (``loop.initial_seed``) and shared by every strategy and seed, so
+        their curves start from the same labels; a pool that already has labeled
+        frames keeps them as the initial set.
+        """
+        path = self.initial_manifest_path
         if path.exists():
             return path
         table, encoding = read_manifest(self.pool)
         if filter_manifest(table, split="pool", labeled=True).num_rows == 0:
             ids = filter_manifest(table, split="pool", labeled=False)["frame_id"].to_numpy(zero_copy_only=False)
-            picks = select("random", np.zeros(len(ids), bool), self.cfg.loop.initial_labeled, seed=_round_seed(seed, -1))
+            picks = select("random", np.zeros(len(ids), bool), self.cfg.loop.initial_labeled,
+                           seed=_round_seed(self.cfg.loop.initial_seed, -1))
             table = mark_labeled(table, ids[picks.indices].tolist(), 0)
         write_manifest(table, path, encoding)
         return path
@@ -160,7 +185,7 @@ class Experiment:
     def manifest(self, strategy: str, seed: int) -> Manifest:
         path = self.manifest_path(strategy, seed)
         if not path.exists():
-            table, encoding = read_manifest(self.initial_manifest(seed))
+            table, encoding = read_manifest(self.initial_manifest())
             write_manifest(table, path, encoding)
         return read_manifest(path)
 
@@ -170,7 +195,7 @@ class Experiment:
         if stage == "evaluate":
             return (self.model_dir(strategy, seed, r) / "eval.json").exists()
         if stage == "score":
-            return STRATEGIES[strategy].score is None or (self.round_dir(strategy, seed, r) / "scores").exists()
+            return STRATEGIES[strategy].score is None or self.scores_dir(strategy, seed, r).exists()
         if stage == "select":
             return (self.round_dir(strategy, seed, r) / "selection.parquet").exists()
         if stage == "label":
@@ -187,7 +212,7 @@ class Experiment:
         init = initial_weights(cfg, self.out / "initial" / f"seed_{seed}" / "init.pt", seed=cfg.train.seed + seed)
         if cfg.train.init == "finetune" and r > 0:
             init = self.model_dir(strategy, seed, r - 1) / "model.pt"
-        manifest = self.initial_manifest(seed) if r == 0 else self.manifest_path(strategy, seed)
+        manifest = self.initial_manifest() if r == 0 else self.manifest_path(strategy, seed)
         train_model(cfg, manifest, init_weights=init, out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu)
 
     def load_model(self, strategy: str, seed: int, r: int) -> torch.nn.Module:
@@ -200,7 +225,7 @@ class Experiment:
         table, encoding = read_manifest(self.pool)
         test = filter_manifest(table, split="test")
         loader = torch.utils.data.DataLoader(
-            FrameDataset(test, encoding, tuple(self.cfg.data.image_size)), batch_size=self.cfg.scoring.batch_size
+            FrameDataset(test, encoding, tuple(self.cfg.data.image_size), self.cfg.data.normalize), batch_size=self.cfg.scoring.batch_size
         )
         scores = evaluate(
             self.load_model(strategy, seed, r), loader, n_classes=self.cfg.data.n_classes,
@@ -209,10 +234,10 @@ class Experiment:
         atomic_write_text(self.model_dir(strategy, seed, r) / "eval.json", json.dumps(scores, indent=1))
 
     def score(self, strategy: str, seed: int, r: int) -> None:
-        score_pool(
-            self.cfg, self.manifest_path(strategy, seed), self.model_dir(strategy, seed, r) / "model.pt",
-            self.round_dir(strategy, seed, r), use_gpu=self.use_gpu,
-        )
+        # Round 0's model and labels are every strategy's: its scores are shared too.
+        manifest = self.initial_manifest() if r == 0 else self.manifest_path(strategy, seed)
+        score_pool(self.cfg, manifest, self.model_dir(strategy, seed, r) / "model.pt", self.model_dir(strategy, seed, r),
+                   use_gpu=self.use_gpu)
 
     def select(self, strategy: str, seed: int, r: int) -> None:
         spec, cfg = STRATEGIES[strategy], self.cfg
@@ -221,7 +246,7 @@ class Experiment:
         if spec.score is None:
             candidates = filter_manifest(table, split="pool", labeled=False).select(["frame_id"])
         else:
-            scores = read_scores(self.round_dir(strategy, seed, r) / "scores")
+            scores = read_scores(self.scores_dir(strategy, seed, r))
             candidates = scores.filter(pc.is_null(scores["error"]))  # undecodable frames are never picked
         ids = candidates["frame_id"].to_numpy(zero_copy_only=False)
         labeled = pc.is_in(candidates["frame_id"], value_set=labeled_ids.combine_chunks()).to_numpy(zero_copy_only=False)

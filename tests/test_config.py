@@ -76,9 +76,15 @@ def test_budget_larger_than_pool_fails_before_work():
     cfg.check_pool(n_pool=160, n_classes=cfg.data.n_classes, source="pool.parquet")
 
 
-def test_paper_config_records_the_cholecseg8k_video_split():
+def test_paper_config_is_the_papers_protocol():
     from alges_dist.data.cholecseg8k import PAPER_SPLIT
 
-    cfg = load_config(REPO_CONFIGS[0].parent / "paper.yaml")
+    cfg = load_config(REPO_CONFIGS[0].parent / "paper_cholecseg8k.yaml")
     assert cfg.data.split_videos == PAPER_SPLIT
     assert cfg.data.dice_classes == [0, 1, 2, 3, 4, 5, 9, 10] and cfg.data.n_classes == 13
+    assert (cfg.model.arch, cfg.model.encoder, cfg.model.encoder_weights) == ("unet", "resnet18", None)
+    assert cfg.data.image_size == (224, 224) and cfg.data.normalize == "none"
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.init) == (5e-5, 50, 32, "retrain")
+    assert (cfg.loop.initial_labeled, cfg.loop.budget, cfg.loop.n_rounds, cfg.loop.seeds) == (10, 10, 30, [0, 1, 2])
+    assert set(cfg.loop.strategies) == {"random", "coreset", "alges-img", "alges-sem", "entropy", "margin",
+                                        "least-confidence"}

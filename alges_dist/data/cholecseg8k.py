@@ -120,7 +120,7 @@ PAPER_SPLIT_FRAMES: dict[str, int] = {"pool": 4640, "val": 1600, "test": 1640}
 #: tissue, blood, cystic duct, hepatic vein, liver ligament), which the paper's
 #: validation split lacks (its Dice averages classes {0,1,2,3,4,5,9,10}); unverified
 #: here. Override with ``split_videos``;
-#: configs/paper.yaml records the assignment used.
+#: configs/paper_cholecseg8k.yaml records the assignment used.
 PAPER_SPLIT: dict[str, list[str]] = {
     "pool": ["video01", "video09", "video12", "video18", "video24", "video28", "video52"],
     "val": ["video27", "video37", "video43"],

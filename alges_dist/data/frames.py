@@ -241,8 +241,9 @@ def validate_frame(image_uri: str, mask_uri: str | None, encoding: MaskEncoding)
 # ---------------------------------------------------------------------------- model input
 
 
-def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 RGB ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)``, ImageNet mean/std normalized.
+def normalize_images(images: np.ndarray | torch.Tensor, mode: str = "imagenet") -> torch.Tensor:
+    """uint8 RGB ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)``: ImageNet mean/std normalized
+    (``mode="imagenet"``) or only scaled to [0, 1] (``mode="none"``, the ALGES paper).
 
     The single place pixels become model input: training and scoring both call it.
     Output is on the input's device (numpy input -> CPU).
@@ -257,7 +258,11 @@ def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images must be uint8 (raw pixels), got {x.dtype}")
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must have shape (B, H, W, 3), got {tuple(x.shape)}")
+    if mode not in ("imagenet", "none"):
+        raise ValueError(f"normalize mode must be 'imagenet' or 'none', got {mode!r}")
     x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+    if mode == "none":
+        return x.contiguous()
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous()
@@ -272,7 +277,8 @@ class FrameDataset(Dataset):
     ``ignore_index``).
     """
 
-    def __init__(self, table: pa.Table, encoding: MaskEncoding, size: tuple[int, int] | None = None):
+    def __init__(self, table: pa.Table, encoding: MaskEncoding, size: tuple[int, int] | None = None,
+                 normalize: str = "imagenet"):
         self.frame_ids: list[str] = table.column("frame_id").to_pylist()
         self.image_uris: list[str] = table.column("image_uri").to_pylist()
         self.mask_uris: list[str | None] = table.column("mask_uri").to_pylist()
@@ -282,7 +288,7 @@ class FrameDataset(Dataset):
                 f"FrameDataset needs a mask for every row; {len(missing)} rows have mask_uri null "
                 f"(first frame_id {missing[0]!r}); filter to labeled or val/test rows first"
             )
-        self.encoding = encoding
+        self.encoding, self.normalize = encoding, normalize
         self.size = _check_size(size)
 
     def __len__(self) -> int:
@@ -290,7 +296,7 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rgb, ids = load_frame(self.image_uris[index], self.mask_uris[index], self.encoding, self.size)
-        image = normalize_images(rgb[None])[0]  # (3, H, W)
+        image = normalize_images(rgb[None], self.normalize)[0]  # (3, H, W)
         mask = torch.from_numpy(ids.astype(np.int64))  # (H, W)
         return image, mask
 

@@ -62,7 +62,7 @@ class Scorer:
 
     def __init__(self, config: dict[str, Any], checkpoint: str, fault_injection: dict[str, Any] | None = None):
         cfg = Config.model_validate(config)
-        self.opts = cfg.scoring
+        self.opts, self.normalize = cfg.scoring, cfg.data.normalize
         torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
@@ -84,7 +84,7 @@ class Scorer:
         }
         scores: dict[str, np.ndarray] = {}
         if ok.any():
-            images = normalize_images(batch["image"][ok]).to(self.device)
+            images = normalize_images(batch["image"][ok], self.normalize).to(self.device)
             out = score_batch(
                 self.model,
                 images,

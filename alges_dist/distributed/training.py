@@ -52,12 +52,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     fault = loop_config.get("fault_injection") or {}
     rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(cfg.train.cpus_per_worker)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
 
     table, encoding = read_manifest(loop_config["manifest"])
     size = tuple(cfg.data.image_size)
-    train_set = FrameDataset(filter_manifest(table, split="pool", labeled=True), encoding, size)
+    train_set = FrameDataset(filter_manifest(table, split="pool", labeled=True), encoding, size,
+                             cfg.data.normalize)
     val_rows = filter_manifest(table, split="val")
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_set) > cfg.train.batch_size
@@ -79,7 +81,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     bare = model.module if hasattr(model, "module") else model
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=encoding.ignore_index)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    # rank 0's epoch bar is drawn by the driver (tqdm_ray), under the driver's round bar
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    epochs = range(start_epoch, cfg.train.epochs)
+    bar = ray_tqdm(total=len(epochs), desc="epochs", unit="epoch") if rank == 0 else None
+    for epoch in epochs:
         if fault.get("kill_at_epoch") == epoch and rank == 0 and not Path(fault["marker"]).exists():
             Path(fault["marker"]).touch()
             os._exit(1)  # simulated node loss: Ray Train restarts from the last checkpoint
@@ -92,12 +99,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             loss = loss_fn(model(images), masks)
             loss.backward()
             optimizer.step()
-            loss_sum, n_batches = loss_sum + float(loss), n_batches + 1
+            loss_sum, n_batches = loss_sum + loss.item(), n_batches + 1
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1)}
         if rank == 0 and val_rows.num_rows:
             val = evaluate(
                 bare,
-                torch.utils.data.DataLoader(FrameDataset(val_rows, encoding, size), batch_size=cfg.train.batch_size),
+                torch.utils.data.DataLoader(FrameDataset(val_rows, encoding, size, cfg.data.normalize), batch_size=cfg.train.batch_size),
                 n_classes=cfg.data.n_classes,
                 dice_classes=cfg.data.dice_classes,
                 ignore_index=encoding.ignore_index,
@@ -105,14 +112,21 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             )
             metrics.update(val_dice=val["dice"], val_miou=val["miou"])
         history.append({**metrics, "resumed_from_epoch": start_epoch})
+        # A checkpoint is the model plus Adam's two moments (3x the weights): on short
+        # epochs writing one every epoch costs more than the epoch itself.
+        save = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:  # only rank 0 writes; the others report metrics only
+            if rank == 0 and save:  # only rank 0 writes; the others report metrics only
                 torch.save(bare.state_dict(), Path(tmp) / "model.pt")
                 torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
                 (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 def train_model(
@@ -147,7 +161,8 @@ def train_model(
             "init_weights": str(Path(init_weights).resolve()),
             "fault_injection": fault_injection,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
             name="train",
             storage_path=str(storage),
