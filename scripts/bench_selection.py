@@ -15,9 +15,11 @@ Peers run at --peers-n (the largest N they finish in ~5 minutes here), and ours 
     .venv/bin/python scripts/bench_selection.py                      # N=200k, d=512, 1k labeled, 1k picks
     .venv/bin/python scripts/bench_selection.py --n 20000 --budget 100 --peers-n 20000   # quick
     python scripts/bench_selection.py --device cuda --n 2000000 --skip-peers     # GPU: data on the device
-On CUDA the pool is moved to the GPU before the clock starts (as after loading score
-shards there), the floor is one torch.mv over it, and memory is the peak allocated on the
-GPU (torch.cuda.max_memory_allocated) next to the embedding bytes.
+    python scripts/bench_selection.py --device cuda --n 2000000 --skip-peers --input host
+On CUDA the pool is on the GPU before the clock starts (--input device) or in host memory
+(--input host: the engine copies it to its device storage in blocks); the floor is one
+torch.mv over it on the GPU, and memory is the peak allocated on the GPU
+(torch.cuda.max_memory_allocated) next to the float32 embedding bytes.
 """
 
 from __future__ import annotations
@@ -83,10 +85,9 @@ def sync(x) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(x, labeled, budget, storage_dtype, backend):
+def run_ours(x, labeled, budget, storage_dtype, backend, device="cpu"):
     from alges_dist.selection import kcenter_greedy
 
-    device = "cuda" if getattr(x, "is_cuda", False) else "cpu"
     got = kcenter_greedy(x, labeled, budget, storage_dtype=storage_dtype, backend=backend, device=device)
     return {"picks": got.indices.tolist(), "seconds_prepare": got.seconds_prepare,
             "seconds_picks": got.seconds_picks, "last_radius": float(got.radii[-1])}
@@ -143,7 +144,8 @@ IMPORTS = {"floor": ["torch"],
            "numpy-loop": [], "skactiveml": ["skactiveml.pool"], "pairwise": ["sklearn.metrics"]}
 
 
-def worker(name: str, n: int, d: int, n_labeled: int, budget: int, device: str = "cpu") -> dict:
+def worker(name: str, n: int, d: int, n_labeled: int, budget: int, device: str = "cpu",
+           where: str = "device") -> dict:
     if name not in IMPORTS:
         raise ValueError(f"unknown contender {name!r}; valid: {list(IMPORTS)}")
     for module in IMPORTS[name]:  # libraries first: their RSS is the baseline, not the method's
@@ -155,14 +157,15 @@ def worker(name: str, n: int, d: int, n_labeled: int, budget: int, device: str =
     if device == "cuda":
         import torch
 
-        x = torch.from_numpy(x).cuda()
+        if where == "device" or name == "floor":  # the floor is a pass over rows on the GPU
+            x = torch.from_numpy(x).cuda()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         gpu["gpu_base_mb"] = torch.cuda.memory_allocated() / 2**20
     if name == "floor":
         out = run_floor(x, labeled, budget)
     elif name in OURS:
-        out = run_ours(x, labeled, budget, *OURS[name])
+        out = run_ours(x, labeled, budget, *OURS[name], device=device)
     elif name == "numpy-loop":
         out = run_numpy_loop(x, labeled, budget)
     elif name == "skactiveml":
@@ -178,7 +181,8 @@ def worker(name: str, n: int, d: int, n_labeled: int, budget: int, device: str =
 # ---- driver ------------------------------------------------------------------------------------------------
 def run_contender(name: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--n", str(n), "--d", str(args.d),
-           "--labeled", str(args.labeled), "--budget", str(args.budget), "--device", args.device]
+           "--labeled", str(args.labeled), "--budget", str(args.budget), "--device", args.device,
+           "--input", args.input]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
@@ -243,14 +247,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=2, help="runs of the floor and ours (best kept)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the pool on the GPU, ours with the torch backend (the peers stay CPU-only)")
+    p.add_argument("--input", choices=["device", "host"], default="device",
+                   help="cuda: embeddings handed over on the GPU, or in host memory (as read from the "
+                   "score shards; the GPU then holds only the engine's storage)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.n, args.d, args.labeled, args.budget, args.device)))
+        print(json.dumps(worker(args.worker, args.n, args.d, args.labeled, args.budget, args.device, args.input)))
         return
     plan = [(name, args.n) for name in ("floor", *OURS, "numpy-loop")]
     if args.device == "cuda":  # numpy and the peers have no GPU path; faiss only with faiss-gpu
-        from alges_dist.selection import faiss_has_gpu
+        from alges_dist.selection_engine import faiss_has_gpu
 
         plan = [(name, n) for name, n in plan if name not in ("numpy-loop", "ours-faiss") or
                 (name == "ours-faiss" and faiss_has_gpu())]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alges_dist.cli import ROUND_COMMANDS, main
-from alges_dist.data.manifest import filter_manifest, read_manifest
+from alges_dist.data.manifest import read_manifest
 from alges_dist.loop import STRATEGIES, Experiment
 from alges_dist.config import STRATEGY_NAMES
 

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 from alges_dist import selection as sel
+from alges_dist import selection_engine as engine
 from alges_dist.selection import SELECTION_METHODS, kcenter_greedy, kmeanspp, random, select, top_k
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -315,7 +316,7 @@ def test_cuda_matches_cpu(storage_dtype):
 @cuda
 @pytest.mark.gpu
 def test_cuda_faiss_backend_agrees_with_torch():
-    if not sel.faiss_has_gpu():
+    if not engine.faiss_has_gpu():
         pytest.skip("faiss has no GPU support in this environment")
     x, labeled = gaussian_pool(n=5000, d=32, n_labeled=300)
     x = torch.from_numpy(x.astype(np.float32)).cuda()

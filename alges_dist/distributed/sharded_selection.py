@@ -20,6 +20,7 @@ import ray
 import torch
 
 from alges_dist import selection as sel
+from alges_dist import selection_engine as engine
 from alges_dist.selection import Selection
 
 log = logging.getLogger(__name__)
@@ -29,25 +30,25 @@ class _ShardActor:
     """One block of rows [offset, offset + n) and its PoolShard; returns host values only."""
 
     def __init__(self, rows: Any, offset: int, chunk_size: int):
-        self.rows, self.offset, self.chunk_size = sel.as_rows(rows), offset, chunk_size
-        self.pool: sel.PoolShard | None = None
+        self.rows, self.offset, self.chunk_size = engine.as_rows(rows), offset, chunk_size
+        self.pool: engine.PoolShard | None = None
 
     def n_rows(self) -> int:
         return self.rows.shape[0]
 
     def nonfinite_rows(self) -> tuple[int, list[int]]:
-        return sel.nonfinite_rows(self.rows, self.offset)
+        return engine.nonfinite_rows(self.rows, self.offset)
 
     def row_sum(self) -> torch.Tensor:
-        return sel.row_sum(self.rows, self.chunk_size)
+        return engine.row_sum(self.rows, self.chunk_size)
 
     def max_centered_sq_norm(self, shift: torch.Tensor) -> float:
-        return sel.max_centered_sq_norm(self.rows, shift, self.chunk_size)
+        return engine.max_centered_sq_norm(self.rows, shift, self.chunk_size)
 
     def build(self, *, device, storage_dtype, shift, scale, backend) -> tuple[float, int, str, float]:
-        device = sel.resolve_device(device, self.rows)
-        self.backend = sel.resolve_backend(backend, device)
-        self.pool = sel.PoolShard(self.rows, offset=self.offset, device=device, storage_dtype=storage_dtype,
+        device = engine.resolve_device(device, self.rows)
+        self.backend = engine.resolve_backend(backend, device)
+        self.pool = engine.PoolShard(self.rows, offset=self.offset, device=device, storage_dtype=storage_dtype,
                                   shift=shift, scale=scale, chunk_size=self.chunk_size)
         return (*self.pool.largest_input_norm, self.backend, self.pool.max_sq_norm)
 
@@ -121,7 +122,7 @@ class ShardedSelector:
             raise ValueError("shards must hold at least one block of rows")
         if num_gpus_per_shard is None:
             num_gpus_per_shard = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        storage_dtype = sel.resolve_storage_dtype(storage_dtype)
+        storage_dtype = engine.resolve_storage_dtype(storage_dtype)
         actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_shard)(_ShardActor)
         self.actors = [actor_cls.remote(block, 0, chunk_size) for block in shards[:1]]
         try:
@@ -137,17 +138,17 @@ class ShardedSelector:
             self.ends.append(self.ends[-1] + ray.get(self.actors[-1].n_rows.remote()))
         n = self.ends[-1]
         bad = ray.get([a.nonfinite_rows.remote() for a in self.actors])
-        sel.raise_nonfinite(sum(c for c, _ in bad), sorted(i for _, f in bad for i in f)[:5])
-        shift = sel.storage_shift(sum(ray.get([a.row_sum.remote() for a in self.actors])), n, storage_dtype)
+        engine.raise_nonfinite(sum(c for c, _ in bad), sorted(i for _, f in bad for i in f)[:5])
+        shift = engine.storage_shift(sum(ray.get([a.row_sum.remote() for a in self.actors])), n, storage_dtype)
         max_sq = max(ray.get([a.max_centered_sq_norm.remote(shift) for a in self.actors])) if shift is not None else 0
-        self.scale = sel.storage_scale(max_sq, storage_dtype)
+        self.scale = engine.storage_scale(max_sq, storage_dtype)
         built = ray.get([a.build.remote(device=device, storage_dtype=storage_dtype, shift=shift, scale=self.scale,
                                         backend=backend) for a in self.actors])
         # largest input norm, first index among ties: k-center's start without labeled rows
         _, neg_g = max((v, -g) for v, g, _, _ in built)
         self.largest, self.backend = -neg_g, built[0][2]
         tol = 64 * torch.finfo(torch.float64 if storage_dtype == torch.float64 else torch.float32).eps
-        self.zero_d2 = sel.zero_threshold(tol, max(m for *_, m in built), storage_dtype)
+        self.zero_d2 = engine.zero_threshold(tol, max(m for *_, m in built), storage_dtype)
         ray.get([a.set_zero_d2.remote(self.zero_d2) for a in self.actors])
         log.info("sharded selection pool: %d rows over %d actors, %s storage, labeled kNN: %s",
                  n, len(self.actors), storage_dtype, self.backend)
@@ -155,8 +156,8 @@ class ShardedSelector:
     def _start(self, labeled_mask, budget) -> tuple[int, list[tuple[float, int]]]:
         """Validate, hand each actor its labeled mask and the labeled rows (in pool order, as on
         one device); returns the budget and per-shard (sum of min_d2, candidates)."""
-        self.labeled = sel.check_labeled_mask(labeled_mask, self.ends[-1])
-        budget = sel.check_budget(budget, int((~self.labeled).sum()))
+        self.labeled = engine.check_labeled_mask(labeled_mask, self.ends[-1])
+        budget = engine.check_budget(budget, int((~self.labeled).sum()))
         starts = [0] + self.ends[:-1]
         labeled = ray.get([a.labeled_rows.remote(self.labeled[s:e])
                            for a, s, e in zip(self.actors, starts, self.ends)])
