@@ -197,7 +197,7 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np
     """uint8 RGB (H, W, 3) with class ids (H, W) painted over it (class 0 left clear)."""
     colours = PALETTE[mask % len(PALETTE)]
     blend = np.where((mask > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
-    return blend.clip(0, 255).astype(np.uint8)
+    return blend.round().clip(0, 255).astype(np.uint8)
 
 
 def contact_sheet(image_uris: list[str], labels: list[str], out_png: Path, *, thumb_px: int = 160,

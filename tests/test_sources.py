@@ -429,6 +429,15 @@ def test_normalize_images_applies_imagenet_mean_std_channels_first():
         normalize_images(pixels[0])
 
 
+def test_normalize_none_only_scales_to_unit_range_as_the_paper():
+    pixels = np.stack([np.full((2, 3), v, np.uint8) for v in (0, 128, 255)], axis=-1)[None]
+    out = normalize_images(pixels, "none")
+    for c, v in enumerate((0, 128, 255)):
+        torch.testing.assert_close(out[0, c], torch.full((2, 3), v / 255))
+    with pytest.raises(ValueError, match="normalize mode must be 'imagenet' or 'none', got 'zscore'"):
+        normalize_images(pixels, "zscore")
+
+
 def test_frame_dataset_yields_normalized_image_and_int64_mask(tmp_path):
     expected = grey_folder(tmp_path, n=3)
     encoding = parse_class_map("0:0,10:1,20:2,30:3,255:ignore")
