@@ -187,9 +187,10 @@ def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path,
     return plotted
 
 
-PALETTE = np.array([  # class id -> overlay colour (class 0, usually background, is not drawn)
-    [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255],
+PALETTE = np.array([  # class id -> overlay colour: class 0 (usually background) is not drawn;
+    # greens, blues and yellows first, since endoscopic tissue is red
+    [0, 0, 0], [0, 230, 118], [0, 176, 255], [255, 234, 0], [213, 0, 249], [255, 145, 0], [0, 229, 255],
+    [118, 255, 3], [255, 64, 129], [101, 31, 255], [255, 255, 255], [0, 150, 136], [255, 23, 68],
 ], dtype=np.float32)
 
 

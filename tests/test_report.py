@@ -14,6 +14,7 @@ from alges_dist.report import (
     common_rounds,
     contact_sheet,
     markdown_table,
+    PALETTE,
     overlay_mask,
     plot_learning_curves,
     read_results,
@@ -86,7 +87,7 @@ def test_overlay_paints_classes_and_leaves_background(tmp_path):
     mask[:2] = 1
     out = overlay_mask(image, mask, alpha=0.5)
     np.testing.assert_array_equal(out[2:], image[2:])
-    np.testing.assert_array_equal(out[0, 0], np.round(0.5 * 100 + 0.5 * np.array([230, 25, 75])).astype(np.uint8))
+    np.testing.assert_array_equal(out[0, 0], np.round(0.5 * 100 + 0.5 * PALETTE[1]).astype(np.uint8))
     Image.fromarray(np.full((20, 30, 3), 50, np.uint8)).save(tmp_path / "a.png")
     sheet = contact_sheet([str(tmp_path / "a.png")], ["a"], tmp_path / "sheet.png", thumb_px=8, columns=2,
                           masks=[np.ones((8, 8), np.int64)])
