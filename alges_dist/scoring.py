@@ -446,6 +446,8 @@ def _head_weight_gradient(
     n, n_classes, height, width = grad_conv.shape
     n_inputs = z.shape[1]
     kh, kw = kernel_size
+    if z.is_cuda and (kh, kw) != (1, 1):
+        return _head_weight_gradient_grouped_conv(grad_conv, z, kernel_size)
     if kh == kw == 1:  # one matmul: the transposed view costs less than a copy of z
         z_t = z.reshape(n, n_inputs, height * width).transpose(1, 2)  # (n, h*w, C)
         grad = torch.bmm(grad_conv.reshape(n, n_classes, height * width), z_t)
@@ -475,6 +477,30 @@ def _head_weight_gradient(
         for b in range(kw)
     ]
     return torch.stack(taps, dim=-1).view(n, n_classes, n_inputs, kh, kw)
+
+
+def _head_weight_gradient_grouped_conv(
+    grad_conv: torch.Tensor, z: torch.Tensor, kernel_size: tuple[int, int]
+) -> torch.Tensor:
+    """_head_weight_gradient as one convolution weight-gradient with the images as groups.
+
+    For the GPU: there each tap's bmm reduces h*w terms into a K x C block, a shape that
+    leaves most of the device idle (Unet at 224 px on an H100: 1.5 ms per tap, 64% of
+    score_batch), while cuDNN's weight-gradient kernels split that reduction. TF32 is
+    off for the call, so the sums stay float32 like the bmm path.
+    """
+    n, n_classes, height, width = grad_conv.shape
+    n_inputs = z.shape[1]
+    kh, kw = kernel_size
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        grad = torch.nn.grad.conv2d_weight(
+            z.reshape(1, n * n_inputs, height, width),  # image i's channels form group i
+            (n * n_classes, n_inputs, kh, kw),
+            grad_conv.reshape(1, n * n_classes, height, width),
+            padding=(kh // 2, kw // 2),
+            groups=n,
+        )
+    return grad.view(n, n_classes, n_inputs, kh, kw)
 
 
 def _norm_terms(
