@@ -182,7 +182,7 @@ def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path,
     fig.suptitle(f"mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}", fontsize=9)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format=Path(out_png).suffix.lstrip(".") or "png", dpi=110)  # png, svg, pdf
     plt.close(fig)
     return plotted
 
