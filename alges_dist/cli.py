@@ -106,20 +106,20 @@ def _label(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from alges_dist.report import write_report
 
-    _log_to(args.run)
+    _log_to(args.run, args.argv)
     path = write_report(args.run, metric=args.metric)
     print((args.run / "report" / "aulc.md").read_text())
     print(f"report: {path}")
     return 0
 
 
-def _log_to(run: Path) -> None:
+def _log_to(run: Path, argv: list[str]) -> None:
     """Append this command's log to RUN/run.log (the run folder's history); main() detaches it."""
     run.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
-    log.info("alges %s", " ".join(_argv))
+    log.info("alges %s", " ".join(argv))
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -148,19 +148,18 @@ def _rounds(args: argparse.Namespace) -> int:
     from alges_dist.distributed.runtime import init_ray
     from alges_dist.loop import Experiment, WaitingForLabels, resolve_pool
     from alges_dist.report import format_results, write_report
+    from tqdm import tqdm
 
     # --pool is an override like any other, so RUN/config.yaml records the pool used
     pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else Path(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
     pool = resolve_pool(cfg)
     exp = Experiment(cfg, args.out, pool)  # validates config against the pool first
-    _log_to(args.out)
+    _log_to(args.out, args.argv)
     init_ray(dashboard=not args.no_dashboard)
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
     runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
-    from tqdm import tqdm
-
     # one tick per finished round; epochs (Ray Train workers) and scoring (Ray Data) have their own bars
     total = len(runs) * (cfg.loop.n_rounds + 1 if rounds is None else 1)
     with tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True) as bar:
@@ -181,13 +180,10 @@ def _rounds(args: argparse.Namespace) -> int:
     return 0
 
 
-_argv: list[str] = []
-
-
 def main(argv: list[str] | None = None) -> int:
-    global _argv
-    _argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(_argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in RUN/run.log
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
