@@ -48,7 +48,7 @@ from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, score_pool
 from alges_dist.distributed.training import initial_weights, train_model
 from alges_dist.evaluation import evaluate
-from alges_dist.models import build_model
+from alges_dist.models import load_model
 from alges_dist.report import contact_sheet
 from alges_dist.selection import select
 
@@ -217,8 +217,8 @@ class Experiment(RunLayout):
 
     def load_model(self, strategy: str, seed: int, r: int) -> torch.nn.Module:
         cfg = self.cfg
-        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
-        model.load_state_dict(torch.load(self.model_dir(strategy, seed, r) / "model.pt", map_location="cpu"))
+        model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes,
+                           self.model_dir(strategy, seed, r) / "model.pt")
         return model.to(self.device)
 
     def evaluate(self, strategy: str, seed: int, r: int) -> None:

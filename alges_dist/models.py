@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import segmentation_models_pytorch as smp
@@ -84,6 +85,13 @@ def build_model(
         "built %s-%s: head conv %s, then %s x%g", arch, encoder, spec.conv, spec.mode,
         spec.scale_factor,
     )
+    return model
+
+
+def load_model(arch: str, encoder: str, classes: int, weights: str | Path) -> nn.Module:
+    """build_model with no pretrained download, then the state dict saved at ``weights`` (on CPU)."""
+    model = build_model(arch, encoder, classes, encoder_weights=None)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
     return model
 
 

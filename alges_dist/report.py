@@ -229,11 +229,9 @@ def predict_masks(model_path: Path, cfg: Any, image_uris: list[str], size: tuple
     import torch
 
     from alges_dist.data.frames import load_image, normalize_images
-    from alges_dist.models import build_model
+    from alges_dist.models import load_model
 
-    model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
-    model.load_state_dict(torch.load(model_path, map_location="cpu"))
-    model.eval()
+    model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).eval()
     out = []
     with torch.inference_mode():
         for uri in image_uris:

@@ -28,7 +28,7 @@ import torch
 from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path
 from alges_dist.data.frames import FrameDecodeError, load_image, normalize_images
-from alges_dist.models import build_model
+from alges_dist.models import load_model
 from alges_dist.scoring import ProjectionCache, score_batch, score_dims
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class Scorer:
         self.opts, self.normalize = cfg.scoring, cfg.data.normalize
         torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
-        self.model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+        self.model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, checkpoint)
         self.model.to(self.device).eval()
         self.dims = score_dims(self.model, feature_grid=self.opts.feature_grid, projection_dim=self.opts.projection_dim)
         self.schema = scores_schema(self.dims)

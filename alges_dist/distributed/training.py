@@ -23,7 +23,7 @@ from alges_dist.data.atomic import atomic_path
 from alges_dist.data.frames import FrameDataset
 from alges_dist.data.manifest import filter_manifest, read_manifest
 from alges_dist.evaluation import evaluate
-from alges_dist.models import build_model
+from alges_dist.models import build_model, load_model
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     )
     loader = ray.train.torch.prepare_data_loader(loader)
 
-    model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, encoder_weights=None)
-    model.load_state_dict(torch.load(loop_config["init_weights"], map_location="cpu"))
+    model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, loop_config["init_weights"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
