@@ -10,7 +10,6 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu faiss-gpu-cu12)
 export HF_HUB_OFFLINE ?= 1
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test install bench clean
 

@@ -13,17 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Names the loop understands; the loop's registry is checked against this in tests.
-STRATEGY_NAMES = (
-    "random",
-    "entropy",
-    "margin",
-    "least-confidence",
-    "coreset",
-    "alges-img",
-    "alges-img-kcenter",
-    "alges-sem",
-)
+from alges_dist.strategies import STRATEGIES
+
+# The strategy table (alges_dist.strategies) is the one list of valid names.
+STRATEGY_NAMES = tuple(STRATEGIES)
 
 
 class ConfigError(ValueError):

@@ -1,36 +1,18 @@
 """Active-learning rounds: train -> evaluate -> score -> select -> label, resumable.
 
-Run folder layout (every stage's output is kept; a stage whose output exists is done):
-
-    RUN/config.yaml                      resolved config of the run
-    RUN/run.log                          the log of every command run on this folder
-    RUN/initial/manifest.parquet         the initial labeled set: one per experiment,
-                                         shared by every strategy and seed (as the paper)
-    RUN/initial/seed_S/init.pt           initial weights of seed S (every retrain starts here)
-    RUN/initial/seed_S/round_00/         round-0 model, eval and scores of seed S, shared by
-                                         all strategies (same labels, same weights)
-    RUN/STRATEGY/seed_S/manifest.parquet this run's labels (labeled_round per frame)
-    RUN/STRATEGY/seed_S/round_RR/        model.pt, eval.json, scores/, errors.parquet (RR > 0),
-                                         selection.parquet, record.json
-    RUN/results.csv                      one row per (strategy, seed, round)
-    RUN/queries.parquet                  one row per picked frame
-    RUN/report/                          alges report: curves, tables, report.html
-
-Outputs are written atomically, so ``alges run`` after a crash resumes from the last
-completed stage and never re-selects or re-labels.
+Orchestration only: the run folder's layout and writers are ``run_folder``, the
+strategy table ``strategies``, the hand-off to people ``handoff``; every heavy stage is
+a Ray job of ``distributed``. Outputs are written atomically, so ``alges run`` after a
+crash resumes from the last completed stage and never re-selects or re-labels.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import platform
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,39 +24,20 @@ import yaml
 from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
-from alges_dist.data.frames import FrameDataset, validate_frame
+from alges_dist.data.frames import FrameDataset
 from alges_dist.data.manifest import Manifest, filter_manifest, mark_labeled, read_manifest, write_manifest
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, score_pool
 from alges_dist.distributed.training import initial_weights, train_model
 from alges_dist.evaluation import evaluate
 from alges_dist.models import load_model
-from alges_dist.report import contact_sheet
+from alges_dist.handoff import collect_masks, write_batch
+from alges_dist.run_folder import RunLayout, package_versions
 from alges_dist.selection import select
+from alges_dist.strategies import get_strategy, score_column
 
 log = logging.getLogger(__name__)
 
-
-class Strategy(NamedTuple):
-    """How a strategy name turns scores into picks."""
-
-    score: str | None  # the score_batch output it ranks or clusters; None: needs no scoring
-    method: str  # a selection method name
-    largest: bool = True  # top-k: pick the largest scores
-    labeled_as_centers: bool = False  # k-center: the labeled set counts as chosen centers
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "random": Strategy(None, "random"),
-    "entropy": Strategy("entropy", "top-k"),
-    "margin": Strategy("margin", "top-k", largest=False),  # small p1 - p2 = uncertain
-    "least-confidence": Strategy("least_confidence", "top-k"),
-    "coreset": Strategy("feature", "kcenter", labeled_as_centers=True),
-    # The paper: k-means++ seeding over the unlabeled frames' embeddings (as BADGE).
-    "alges-img": Strategy("alges_img", "kmeans++"),
-    "alges-img-kcenter": Strategy("alges_img", "kcenter", labeled_as_centers=True),
-    "alges-sem": Strategy("alges_sem", "kmeans++"),
-}
 
 STAGES = ("train", "evaluate", "score", "select", "label")
 
@@ -90,49 +53,9 @@ def resolve_pool(cfg: Config) -> Path:
     return path
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "ray", "segmentation-models-pytorch", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def _round_seed(seed: int, round_index: int) -> int:
     """Independent selection seed per (seed, round); round -1 draws the initial set."""
     return int(np.random.SeedSequence([seed, round_index + 1]).generate_state(1)[0])
-
-
-class RunLayout:
-    """Where each output of a run folder lives (read by the loop and by reports)."""
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-
-    def run_dir(self, strategy: str, seed: int) -> Path:
-        return self.out / strategy / f"seed_{seed}"
-
-    def round_dir(self, strategy: str, seed: int, r: int) -> Path:
-        return self.run_dir(strategy, seed) / f"round_{r:02d}"
-
-    def model_dir(self, strategy: str, seed: int, r: int) -> Path:
-        # Round 0 trains on the same initial set from the same weights for every
-        # strategy: train, evaluate and score it once per seed.
-        if r == 0:
-            return self.out / "initial" / f"seed_{seed}" / "round_00"
-        return self.round_dir(strategy, seed, r)
-
-    def scores_dir(self, strategy: str, seed: int, r: int) -> Path:
-        return self.model_dir(strategy, seed, r) / "scores"
-
-    def manifest_path(self, strategy: str, seed: int) -> Path:
-        return self.run_dir(strategy, seed) / "manifest.parquet"
-
-    @property
-    def initial_manifest_path(self) -> Path:
-        return self.out / "initial" / "manifest.parquet"
 
 
 class Experiment(RunLayout):
@@ -149,7 +72,7 @@ class Experiment(RunLayout):
             ("cuda" if torch.cuda.is_available() else "cpu") if cfg.selection.device == "auto" else cfg.selection.device
         )
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(self.config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         log.info(
             "experiment %s: pool %s (%d pool frames, %d classes), strategies %s, seeds %s, %d rounds of %d",
             self.out, self.pool, n_pool, pool_manifest.encoding.n_classes, cfg.loop.strategies, cfg.loop.seeds,
@@ -191,13 +114,13 @@ class Experiment(RunLayout):
 
     def stage_done(self, stage: str, strategy: str, seed: int, r: int) -> bool:
         if stage == "train":
-            return (self.model_dir(strategy, seed, r) / "model.pt").exists()
+            return self.model_path(strategy, seed, r).exists()
         if stage == "evaluate":
-            return (self.model_dir(strategy, seed, r) / "eval.json").exists()
+            return self.eval_path(strategy, seed, r).exists()
         if stage == "score":
-            return STRATEGIES[strategy].score is None or self.scores_dir(strategy, seed, r).exists()
+            return get_strategy(strategy).score is None or self.scores_dir(strategy, seed, r).exists()
         if stage == "select":
-            return (self.round_dir(strategy, seed, r) / "selection.parquet").exists()
+            return self.selection_path(strategy, seed, r).exists()
         if stage == "label":
             table = self.manifest(strategy, seed).table
             return pc.any(pc.equal(table["labeled_round"], r + 1)).as_py() is True
@@ -209,7 +132,7 @@ class Experiment(RunLayout):
     # ---- stages ------------------------------------------------------------------
     def train(self, strategy: str, seed: int, r: int) -> None:
         cfg = self.cfg
-        init = initial_weights(cfg, self.out / "initial" / f"seed_{seed}" / "init.pt", seed=cfg.train.seed + seed)
+        init = initial_weights(cfg, self.init_weights_path(seed), seed=cfg.train.seed + seed)
         if cfg.train.init == "finetune" and r > 0:
             init = self.model_dir(strategy, seed, r - 1) / "model.pt"
         manifest = self.initial_manifest() if r == 0 else self.manifest_path(strategy, seed)
@@ -218,7 +141,7 @@ class Experiment(RunLayout):
     def load_model(self, strategy: str, seed: int, r: int) -> torch.nn.Module:
         cfg = self.cfg
         model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes,
-                           self.model_dir(strategy, seed, r) / "model.pt")
+                           self.model_path(strategy, seed, r))
         return model.to(self.device)
 
     def evaluate(self, strategy: str, seed: int, r: int) -> None:
@@ -231,16 +154,16 @@ class Experiment(RunLayout):
             self.load_model(strategy, seed, r), loader, n_classes=self.cfg.data.n_classes,
             dice_classes=self.cfg.data.dice_classes, ignore_index=encoding.ignore_index, device=self.device,
         )
-        atomic_write_text(self.model_dir(strategy, seed, r) / "eval.json", json.dumps(scores, indent=1))
+        atomic_write_text(self.eval_path(strategy, seed, r), json.dumps(scores, indent=1))
 
     def score(self, strategy: str, seed: int, r: int) -> None:
         # Round 0's model and labels are every strategy's: its scores are shared too.
         manifest = self.initial_manifest() if r == 0 else self.manifest_path(strategy, seed)
-        score_pool(self.cfg, manifest, self.model_dir(strategy, seed, r) / "model.pt", self.model_dir(strategy, seed, r),
+        score_pool(self.cfg, manifest, self.model_path(strategy, seed, r), self.model_dir(strategy, seed, r),
                    use_gpu=self.use_gpu)
 
     def select(self, strategy: str, seed: int, r: int) -> None:
-        spec, cfg = STRATEGIES[strategy], self.cfg
+        spec, cfg = get_strategy(strategy), self.cfg
         table = self.manifest(strategy, seed).table
         labeled_ids = filter_manifest(table, split="pool", labeled=True)["frame_id"]
         if spec.score is None:
@@ -252,24 +175,22 @@ class Experiment(RunLayout):
         labeled = pc.is_in(candidates["frame_id"], value_set=labeled_ids.combine_chunks()).to_numpy(zero_copy_only=False)
         if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
             candidates, ids, labeled = candidates.filter(pa.array(~labeled)), ids[~labeled], labeled[~labeled]
-        column = spec.score
-        if column == "alges_img" and cfg.scoring.projection_dim:
-            column = "alges_img_proj"
+        column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
         values = embedding_matrix(candidates, column) if column else None
         picked = select(
-            spec.method, labeled, cfg.loop.budget,
-            x=values if spec.method in ("kcenter", "kmeans++") else None,
-            score=values[:, 0] if spec.method == "top-k" else None,
+            spec.rule, labeled, cfg.loop.budget,
+            x=values if spec.rule in ("kcenter", "kmeans++") else None,
+            score=values[:, 0] if spec.rule == "top-k" else None,
             largest=spec.largest, seed=_round_seed(seed, r),
-            **self._method_options(spec.method),
+            **self._method_options(spec.rule),
         )
         out = pa.table({
             "pick_rank": pa.array(np.arange(len(picked.indices)), pa.int32()),
             "frame_id": pa.array(ids[picked.indices], pa.string()),
             # distance to the chosen set at pick time; for top-k, the score it ranked by
-            "value": pa.array(values[picked.indices, 0] if spec.method == "top-k" else picked.radii, pa.float32()),
+            "value": pa.array(values[picked.indices, 0] if spec.rule == "top-k" else picked.radii, pa.float32()),
         })
-        with atomic_path(self.round_dir(strategy, seed, r) / "selection.parquet") as tmp:
+        with atomic_path(self.selection_path(strategy, seed, r)) as tmp:
             pq.write_table(out, tmp)
 
     def _method_options(self, method: str) -> dict[str, Any]:
@@ -282,10 +203,10 @@ class Experiment(RunLayout):
         return {}
 
     def label(self, strategy: str, seed: int, r: int) -> None:
-        picks = pq.read_table(self.round_dir(strategy, seed, r) / "selection.parquet")["frame_id"].to_pylist()
+        picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest(strategy, seed)
         if self.cfg.loop.oracle == "human":
-            sheet = self.write_handoff(strategy, seed, r, picks, manifest)
+            sheet = write_batch(self.round_dir(strategy, seed, r), picks, manifest)
             raise WaitingForLabels(
                 f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation, listed in "
                 f"{sheet.with_suffix('.csv')} (contact sheet {sheet}). Save one mask per frame as "
@@ -299,42 +220,22 @@ class Experiment(RunLayout):
         table = mark_labeled(manifest.table, picks, r + 1)
         write_manifest(table, self.manifest_path(strategy, seed), manifest.encoding)
 
-    def write_handoff(self, strategy: str, seed: int, r: int, picks: list[str], manifest: Manifest) -> Path:
-        """The query batch for annotators: a CSV (rank, frame_id, image_uri) and a contact sheet."""
-        rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
-        uri = dict(zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()))
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["pick_rank", "frame_id", "image_uri"])
-        writer.writerows((i, f, uri[f]) for i, f in enumerate(picks))
-        base = self.round_dir(strategy, seed, r) / "to_annotate"
-        atomic_write_text(base.with_suffix(".csv"), buf.getvalue())
-        return contact_sheet([uri[f] for f in picks], picks, base.with_suffix(".png"))
-
     def import_labels(self, strategy: str, seed: int, masks: Path) -> int:
-        """Label the pending round's picks with people's masks (``masks/FRAME_ID.*``).
+        """Label the pending round's picks with people's masks (``masks/FRAME_ID.png``).
 
-        All or nothing: every picked frame needs a mask that decodes with the pool's
-        encoding and matches its image's size, else nothing is written. Returns the round.
+        All or nothing (``handoff.collect_masks``): the masks are validated and copied into
+        the round folder before the manifest changes. Returns the round.
         """
         pending = [r for r in range(self.cfg.loop.n_rounds)
                    if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
         if not pending:
             raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
         r = pending[0]
-        picks = pq.read_table(self.round_dir(strategy, seed, r) / "selection.parquet")["frame_id"].to_pylist()
+        picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest(strategy, seed)
-        found = {p.stem: p.resolve() for p in Path(masks).iterdir() if p.is_file()}
-        missing = [f for f in picks if f not in found]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(picks)} picked frames have no mask in {masks}: "
-                                    f"{missing[:5]} (expected files named FRAME_ID.png)")
-        rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
-        for frame_id, image_uri in zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()):
-            validate_frame(image_uri, str(found[frame_id]), manifest.encoding)  # raises naming the file
-        table, picked = manifest.table, set(picks)
-        new_uri = [str(found[f]) if f in picked else u
-                   for f, u in zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist())]
+        copies = collect_masks(picks, manifest, masks, self.round_dir(strategy, seed, r) / "labels")
+        table = manifest.table
+        new_uri = [copies.get(f, u) for f, u in zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist())]
         table = table.set_column(table.schema.get_field_index("mask_uri"), table.schema.field("mask_uri"),
                                  pa.array(new_uri, pa.string()))
         write_manifest(mark_labeled(table, picks, r + 1), self.manifest_path(strategy, seed), manifest.encoding)
@@ -359,7 +260,7 @@ class Experiment(RunLayout):
                 if stage == until:
                     self.write_outputs()
                     return False
-            if not (self.round_dir(strategy, seed, r) / "record.json").exists():
+            if not self.record_path(strategy, seed, r).exists():
                 self.write_record(strategy, seed, r)  # also after a stop between label and record
             if pending:
                 completed += 1
@@ -374,43 +275,17 @@ class Experiment(RunLayout):
         n_labeled = pc.sum(pc.less_equal(table["labeled_round"], r)).as_py() or 0
         record = {
             "strategy": strategy, "seed": seed, "round": r, "n_labeled": n_labeled,
-            **json.loads((self.model_dir(strategy, seed, r) / "eval.json").read_text()),
+            **json.loads(self.eval_path(strategy, seed, r).read_text()),
             "config": self.cfg.model_dump(mode="json"),
             "selection_seed": _round_seed(seed, r), "projection_seed": self.cfg.scoring.projection_seed,
             "versions": package_versions(),
         }
-        atomic_write_text(self.round_dir(strategy, seed, r) / "record.json", json.dumps(record, indent=1))
+        atomic_write_text(self.record_path(strategy, seed, r), json.dumps(record, indent=1))
 
     def write_outputs(self) -> None:
         """Rebuild RUN/results.csv and RUN/queries.parquet from the round folders."""
-        rows, queries = [], []
-        for strategy in self.cfg.loop.strategies:
-            for seed in self.cfg.loop.seeds:
-                for r in range(self.cfg.loop.n_rounds + 1):
-                    rec = self.round_dir(strategy, seed, r) / "record.json"
-                    if rec.exists():
-                        d = json.loads(rec.read_text())
-                        rows.append({k: d[k] for k in RESULT_COLUMNS})
-                    sel = self.round_dir(strategy, seed, r) / "selection.parquet"
-                    if sel.exists():
-                        t = pq.read_table(sel)
-                        n = t.num_rows
-                        queries.append(pa.table({
-                            "strategy": [strategy] * n, "seed": pa.array([seed] * n, pa.int32()),
-                            "round": pa.array([r] * n, pa.int32()), "pick_rank": t["pick_rank"],
-                            "frame_id": t["frame_id"], "value": t["value"],
-                        }))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.out / "results.csv", buf.getvalue())
-        if queries:
-            with atomic_path(self.out / "queries.parquet") as tmp:
-                pq.write_table(pa.concat_tables(queries), tmp)
-
-
-RESULT_COLUMNS = ["strategy", "seed", "round", "n_labeled", "dice", "miou", "mdice"]
+        loop = self.cfg.loop
+        super().write_outputs(loop.strategies, loop.seeds, loop.n_rounds)
 
 
 class WaitingForLabels(RuntimeError):

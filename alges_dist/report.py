@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.handoff import contact_sheet, predict_masks
+from alges_dist.run_folder import RunLayout, read_results
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,6 @@ METRIC_LABELS = {"dice": "Dice (paper)", "miou": "mIoU"}
 
 
 # ---- tables ------------------------------------------------------------------------------------------
-def read_results(results_csv: Path) -> list[dict[str, Any]]:
-    """results.csv rows with numbers as numbers."""
-    with open(results_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    ints, floats = ("seed", "round", "n_labeled"), ("dice", "miou", "mdice")
-    return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()} for r in rows]
-
-
 def common_rounds(rows: Sequence[dict[str, Any]]) -> int:
     """The last round that every (strategy, seed) run has completed (-1: none)."""
     last: dict[tuple[str, int], int] = defaultdict(lambda: -1)
@@ -187,68 +181,12 @@ def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path,
     return plotted
 
 
-PALETTE = np.array([  # class id -> overlay colour: class 0 (usually background) is not drawn;
-    # greens, blues and yellows first, since endoscopic tissue is red
-    [0, 0, 0], [0, 230, 118], [0, 176, 255], [255, 234, 0], [213, 0, 249], [255, 145, 0], [0, 229, 255],
-    [118, 255, 3], [255, 64, 129], [101, 31, 255], [255, 255, 255], [0, 150, 136], [255, 23, 68],
-], dtype=np.float32)
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """uint8 RGB (H, W, 3) with class ids (H, W) painted over it (class 0 left clear)."""
-    colours = PALETTE[mask % len(PALETTE)]
-    blend = np.where((mask > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
-    return blend.round().clip(0, 255).astype(np.uint8)
-
-
-def contact_sheet(image_uris: list[str], labels: list[str], out_png: Path, *, thumb_px: int = 160,
-                  columns: int = 8, masks: list[np.ndarray] | None = None) -> Path:
-    """A grid of thumbnails with their captions; ``masks`` (class ids at thumbnail size) are overlaid."""
-    from PIL import Image, ImageDraw
-
-    from alges_dist.data.frames import load_image
-
-    rows = max(1, -(-len(image_uris) // columns))
-    caption = 14
-    sheet = Image.new("RGB", (columns * thumb_px, rows * (thumb_px + caption)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (uri, label) in enumerate(zip(image_uris, labels)):
-        thumb = load_image(uri, (thumb_px, thumb_px))
-        if masks is not None:
-            thumb = overlay_mask(thumb, masks[i])
-        x, y = (i % columns) * thumb_px, (i // columns) * (thumb_px + caption)
-        sheet.paste(Image.fromarray(thumb), (x, y))
-        draw.text((x + 2, y + thumb_px + 1), f"{i}: {label}"[:26], fill="black")
-    with atomic_path(out_png) as tmp:
-        sheet.save(tmp, format="PNG")
-    return out_png
-
-
-def predict_masks(model_path: Path, cfg: Any, image_uris: list[str], size: tuple[int, int]) -> list[np.ndarray]:
-    """Predicted class ids (H, W) at ``size`` for each image, with the run's model and input settings."""
-    import torch
-
-    from alges_dist.data.frames import load_image, normalize_images
-    from alges_dist.models import load_model
-
-    model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).eval()
-    out = []
-    with torch.inference_mode():
-        for uri in image_uris:
-            rgb = load_image(uri, tuple(cfg.data.image_size))
-            logits = model(normalize_images(rgb[None], cfg.data.normalize))
-            small = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            out.append(small.argmax(1)[0].numpy().astype(np.int64))
-    return out
-
-
 # ---- the report --------------------------------------------------------------------------------------
 def per_video_counts(run: Path, queries: Any, strategies: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """Frames picked per (strategy, video), summed over seeds and rounds."""
     import pyarrow.compute as pc
 
     from alges_dist.data.manifest import read_manifest
-    from alges_dist.loop import RunLayout
 
     layout = RunLayout(run)
     counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -273,7 +211,6 @@ def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path) -> list[tuple
     import pyarrow.compute as pc
 
     from alges_dist.data.manifest import read_manifest
-    from alges_dist.loop import RunLayout
 
     layout = RunLayout(run)
     seed = cfg.loop.seeds[0]

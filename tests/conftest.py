@@ -9,7 +9,6 @@ import pytest
 
 # No hub downloads in tests: asking for weights otherwise retries for 20-50 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -31,7 +31,7 @@ def test_ray_job_submit_runs_a_round_on_a_local_head(demo_manifest, tmp_path):
         ray.shutdown()
     if not (BIN / "ray").exists():
         pytest.skip(f"no `ray` executable beside {sys.executable}")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     dashboard = _free_port()
     subprocess.run(

@@ -12,7 +12,8 @@ import pytest
 
 from alges_dist.cli import main
 from alges_dist.data.manifest import filter_manifest, read_manifest
-from alges_dist.report import plot_learning_curves, read_results, round_table
+from alges_dist.report import plot_learning_curves, round_table
+from alges_dist.run_folder import read_results
 from cholecseg8k_fixture import make_cholecseg8k
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 
 from alges_dist.cli import ROUND_COMMANDS, main
 from alges_dist.data.manifest import read_manifest
-from alges_dist.loop import STRATEGIES, Experiment
+from alges_dist.loop import Experiment
+from alges_dist.strategies import STRATEGIES
 from alges_dist.config import STRATEGY_NAMES
 
 FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",
@@ -126,6 +127,8 @@ def test_human_oracle_hands_off_then_imports_masks(ray_local, demo_manifest, tmp
     labeled, _ = read_manifest(out / "random" / "seed_0" / "manifest.parquet")
     got = {f: (r, m) for f, r, m in zip(labeled["frame_id"].to_pylist(), labeled["labeled_round"].to_pylist(),
                                         labeled["mask_uri"].to_pylist())}
-    assert all(got[f][0] == 1 and got[f][1].startswith(str(masks)) for f in picks)
+    # imported masks are copies inside the run folder: later edits to the annotators' folder change nothing
+    assert all(got[f][0] == 1 and got[f][1].startswith(str(handoff / "labels")) for f in picks)
+    assert all(open(got[f][1], "rb").read() == open(masks / f"{f}.png", "rb").read() for f in picks)
     assert main(args) == 0
     assert [r["round"] for r in _results(out)] == ["0", "1"]

@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alges_dist.report import (
-    aulc,
-    aulc_table,
-    common_rounds,
-    contact_sheet,
-    markdown_table,
-    PALETTE,
-    overlay_mask,
-    plot_learning_curves,
-    read_results,
-    round_table,
-)
+from alges_dist.handoff import PALETTE, contact_sheet, overlay_mask
+from alges_dist.report import aulc, aulc_table, common_rounds, markdown_table, plot_learning_curves, round_table
+from alges_dist.run_folder import read_results
 
 
 def _write_results(path, rows):
