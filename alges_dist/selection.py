@@ -1,12 +1,14 @@
 """Selection: turn per-frame embeddings or scores into the query batch (DESIGN "Selection").
 
-The pick rules, over one min-distance engine (``selection_engine.PoolShard``):
-k-center greedy takes the farthest row, k-means++ draws proportionally to D^2 (with
-optional greedy local trials, as scikit-learn); each pick is one pass over the rows.
-The greedy loops stay on the device; results move to the host once, at the end.
-``top_k`` and ``random`` need no distances. ``select(method, ...)`` is the one entry the
-rest of the system calls; ``distributed/sharded_selection.py`` runs the same loops with
-one shard per Ray actor.
+The pick rules share one signature, ``rule(values, labeled_mask, budget, *, seed, **options)``
+(scikit-learn's ``kmeans_plusplus(X, n_clusters, *, random_state)``), and ``PICK_RULES``
+names them. k-center greedy takes the farthest row, k-means++ draws proportionally to D^2
+(with optional greedy local trials, as scikit-learn); each pick is one pass over the rows.
+Their loops are written once, against the ``Pool`` protocol: one device
+(``selection_engine.DevicePool``: the loop stays on the device and results move to the
+host once) or a pool sharded over Ray actors (``distributed/sharded_selection.ShardedPool``),
+with identical picks. ``top_k`` and ``random`` need no distances. Every rule honours a
+``TimeGap`` (``selection.min_gap_s``): no two picks of one video closer in time than the gap.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from alges_dist.selection_engine import (
+    DevicePool,
     PoolShard,
+    TimeGap,
     as_rows,
     check_budget,
     check_labeled_mask,
@@ -60,27 +64,60 @@ class Selection(NamedTuple):
     seconds_picks: float = 0.0
 
 
-def _prepare(x, labeled_mask, budget, *, device, backend, storage_dtype, chunk_size):
+class Pool(Protocol):
+    """What the greedy loops drive: one device (``selection_engine.DevicePool``) or Ray actors
+    holding slices (``distributed/sharded_selection.ShardedPool``). Indices and distances are
+    device tensors on one device (no host sync per pick) and host numbers when sharded."""
+
+    n: int
+    backend: str
+    scale: float
+    zero_d2: float
+    has_labeled: bool
+
+    def start(self, labeled: np.ndarray) -> None: ...
+    def vectors(self, budget: int) -> tuple[Any, Any]: ...
+    def first_center(self) -> tuple[Any, Any]: ...
+    def farthest(self) -> tuple[Any, Any]: ...
+    def add(self, i: Any) -> None: ...
+    def draw_uniform(self, u: Any) -> Any: ...
+    def draw(self, u: Any) -> Any: ...
+    def add_best(self, trials: Any) -> tuple[Any, Any]: ...
+    def host(self, picks: Any, pick_d2: Any) -> tuple[np.ndarray, np.ndarray, int, bool]: ...
+
+
+def device_pool(x, *, device="auto", backend: str = "auto", storage_dtype=torch.float32, chunk_size: int = 2048,
+                gap: TimeGap | None = None) -> DevicePool:
+    """The rows x (N, d) in storage form on one device, ready for selections (``Pool.start``)."""
     rows = as_rows(x)
-    mask = check_labeled_mask(labeled_mask, rows.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    budget = check_budget(budget, int((~mask).sum()))
     raise_nonfinite(*nonfinite_rows(rows))
     storage_dtype, device = resolve_storage_dtype(storage_dtype), resolve_device(device, rows)
     backend = resolve_backend(backend, device)
     shift = storage_shift(row_sum(rows, chunk_size), rows.shape[0], storage_dtype)
     scale = storage_scale(max_centered_sq_norm(rows, shift, chunk_size) if shift is not None else 0.0,
                           storage_dtype)
-    log.info("selection pool: %d rows (%d labeled), dim %d, %s storage (%.1f MB) on %s, labeled kNN: %s",
-             rows.shape[0], mask.sum(), rows.shape[1], storage_dtype,
-             rows.shape[0] * rows.shape[1] * storage_dtype.itemsize / 1e6, device, backend)
-    pool = PoolShard(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift, scale=scale,
-                     chunk_size=chunk_size)
-    pool.set_labeled(mask)
-    labeled_idx = torch.from_numpy(np.flatnonzero(mask)).to(device)
-    pool.init_labeled_distances(pool.plain_rows(labeled_idx), pool.xn[labeled_idx], backend)
-    return pool, budget, backend
+    log.info("selection pool: %d rows, dim %d, %s storage (%.1f MB) on %s, labeled kNN: %s",
+             rows.shape[0], rows.shape[1], storage_dtype, rows.shape[0] * rows.shape[1] * storage_dtype.itemsize / 1e6,
+             device, backend)
+    shard = PoolShard(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift, scale=scale,
+                      chunk_size=chunk_size)
+    return DevicePool(shard, backend, gap)
+
+
+def _start(x, labeled_mask, budget, options: dict[str, Any]) -> tuple[Pool, np.ndarray, int]:
+    """The pool (x itself when it is a Pool), the checked mask and budget, the selection started."""
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        pool: Pool = device_pool(x, **options)
+    elif options:
+        raise ValueError(f"options {sorted(options)} are set when the pool is built, not per selection")
+    else:
+        pool = x
+    mask = check_labeled_mask(labeled_mask, pool.n)
+    budget = check_budget(budget, int((~mask).sum()))
+    pool.start(mask)
+    return pool, mask, budget
 
 
 def finish(picks, pick_d2, scale: float, zero_d2: float, n_fill: int, backend: str,
@@ -92,15 +129,16 @@ def finish(picks, pick_d2, scale: float, zero_d2: float, n_fill: int, backend: s
 
 
 @contextlib.contextmanager
-def _loop_threads(pool: PoolShard) -> Iterator[None]:
-    """One torch thread during a CPU float32/float64 greedy loop, restored after.
+def _loop_threads(pool: Pool) -> Iterator[None]:
+    """One torch thread during a CPU float32/float64 greedy loop on one device, restored after.
 
     There the pass over the rows is numpy's OpenBLAS (its own threads); torch only runs O(N)
     vector ops, which gain nothing from 2 threads and stall on a core another process holds:
     interleaved on this shared 2-core machine, the median step fell from 1.7x to 1.0x of one
     plain numpy pass (one thread) at 200k x 512.
     """
-    if pool.device.type != "cpu" or pool.augmented:
+    shard = getattr(pool, "shard", None)
+    if shard is None or shard.device.type != "cpu" or shard.augmented:
         yield
         return
     previous = torch.get_num_threads()
@@ -111,31 +149,57 @@ def _loop_threads(pool: PoolShard) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _synced_clock(device: torch.device) -> float:
+def _synced_clock(pool: Pool) -> float:
     """perf_counter after the device's queued work (one sync per phase, never per pick)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    shard = getattr(pool, "shard", None)
+    if shard is not None and shard.device.type == "cuda":
+        torch.cuda.synchronize(shard.device)
     return time.perf_counter()
 
 
 def kcenter_random_fill(picks: np.ndarray, pick_d2: np.ndarray, labeled: np.ndarray, seed: int,
-                        zero_d2: float) -> int:
+                        zero_d2: float, gap: TimeGap | None = None) -> int:
     """Replace, in place, the k-center picks made after every distance reached 0; returns their count.
 
     Distances only shrink, so once the farthest remaining row is at distance 0 every later
     pick is too: those picks are a suffix, made here on the host after the loop (no per-pick
-    cost) as the remaining rows in a seeded random order (torch.randperm(N, seed)).
+    cost) as the remaining rows in a seeded random order (torch.randperm(N, seed)), skipping
+    rows within ``gap`` of a chosen or labeled row.
     """
     zero = np.flatnonzero(pick_d2 <= zero_d2)
     if zero.size == 0:
         return 0
     t0 = int(zero[0])
-    remaining = ~labeled
-    remaining[picks[:t0]] = False
     order = torch.randperm(labeled.shape[0], generator=torch.Generator().manual_seed(seed)).numpy()
-    picks[t0:] = order[remaining[order]][:picks.shape[0] - t0]
+    fill = _first_eligible(order, ~labeled, picks[:t0], labeled, gap, picks.shape[0] - t0)
+    picks[t0:] = fill
     pick_d2[t0:] = 0
     return picks.shape[0] - t0
+
+
+def _first_eligible(order: np.ndarray, allowed: np.ndarray, chosen: np.ndarray, labeled: np.ndarray,
+                    gap: TimeGap | None, count: int) -> np.ndarray:
+    """The first ``count`` rows of ``order`` that are allowed, not chosen and (with ``gap``)
+    not within gap of a labeled row or of a row chosen before them."""
+    allowed = allowed.copy()
+    allowed[chosen] = False
+    if gap is None:
+        out = order[allowed[order]][:count]
+    else:
+        allowed &= ~gap.near(np.concatenate([np.flatnonzero(labeled), chosen]).astype(np.int64))
+        out = []
+        for i in order[allowed[order]]:
+            if allowed[i]:
+                out.append(i)
+                if len(out) == count:
+                    break
+                allowed &= ~gap.near(np.array([i]))
+        out = np.asarray(out, np.int64)
+    if out.shape[0] < count:
+        raise ValueError(f"only {len(chosen) + out.shape[0]} frames can be picked with selection.min_gap_s="
+                         f"{gap.gap_s if gap else 0} ({count - out.shape[0]} short of the budget); lower "
+                         "min_gap_s or the budget")
+    return out
 
 
 def kmeanspp_uniforms(budget: int, n_trials: int, seed: int) -> torch.Tensor:
@@ -155,55 +219,49 @@ def resolve_local_trials(local_trials: int | str | None, budget: int) -> int:
     return int(local_trials)
 
 
-# ---- public pick rules --------------------------------------------------------------------------
+# ---- public pick rules: rule(values, labeled_mask, budget, *, seed, **options) -------------------
 @torch.no_grad()
-def kcenter_greedy(x, labeled_mask, budget, *, seed: int = 0, device="auto", backend: str = "auto",
-                   storage_dtype=torch.float32, chunk_size: int = 2048) -> Selection:
+def kcenter_greedy(x, labeled_mask, budget, *, seed: int = 0, **options) -> Selection:
     """k-center greedy (farthest-first traversal; Sener & Savarese 2018, the core-set baseline).
 
     Each pick is the unlabeled row farthest from the labeled rows and earlier picks. With no
     labeled rows the first pick is the largest-norm row (deterministic, never silently row 0).
     When every remaining distance is 0 (duplicates), picks are seeded random fill.
 
-    x: (N, d) numpy array or torch tensor; labeled_mask: (N,) bool; budget: picks wanted.
-    seed: orders the random fill. device: "auto" = x's CUDA device, else cuda if available.
-    backend: labeled-set kNN, "auto"/"faiss"/"torch". storage_dtype: float32 (default),
-    float64, or bfloat16/float16 (half the bytes read per pick). chunk_size: rows per kNN block.
+    x: (N, d) numpy array or torch tensor, or a built ``Pool`` (one device or sharded);
+    labeled_mask: (N,) bool; budget: picks wanted; seed: orders the random fill.
+    options (when x is an array), see ``device_pool``: device ("auto" = x's CUDA device, else
+    cuda if available), backend (labeled-set kNN: "auto"/"faiss"/"torch"), storage_dtype
+    (float32, float64, or bfloat16/float16: half the bytes read per pick), chunk_size, gap.
     Raises ValueError for non-finite rows (named), budget <= 0, bad shapes; warns and returns
     every unlabeled row when budget >= their number.
     """
     t0 = time.perf_counter()
-    pool, budget, backend = _prepare(x, labeled_mask, budget, device=device, backend=backend,
-                                     storage_dtype=storage_dtype, chunk_size=chunk_size)
-    start = torch.tensor(pool.largest_input_norm[1], device=pool.device)
-    t1 = _synced_clock(pool.device)
+    pool, mask, budget = _start(x, labeled_mask, budget, options)
+    t1 = _synced_clock(pool)
     with _loop_threads(pool):
-        picks, pick_d2 = _kcenter_loop(pool, budget, start)
-    picks, pick_d2 = picks.cpu().numpy(), pick_d2.cpu().numpy()  # the one host transfer
-    n_fill = kcenter_random_fill(picks, pick_d2, check_labeled_mask(labeled_mask), seed, pool.zero_d2)
+        picks, pick_d2 = _kcenter_loop(pool, budget)
+    picks, pick_d2, _, _ = pool.host(picks, pick_d2)
+    n_fill = kcenter_random_fill(picks, pick_d2, mask, seed, pool.zero_d2, getattr(pool, "gap", None))
     t2 = time.perf_counter()
     log.info("k-center greedy: %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
              budget, t2 - t1, (t2 - t1) / max(budget, 1) * 1e3, t1 - t0)
-    return finish(picks, pick_d2, pool.scale, pool.zero_d2, n_fill, backend, (t1 - t0, t2 - t1))
+    return finish(picks, pick_d2, pool.scale, pool.zero_d2, n_fill, pool.backend, (t1 - t0, t2 - t1))
 
 
-def _kcenter_loop(pool: PoolShard, budget: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(picks (B,), their min_d2 (B,)) on the device; no host sync inside."""
-    picks = torch.empty(budget, dtype=torch.int64, device=pool.device)
-    pick_d2 = torch.empty(budget, dtype=pool.compute_dtype, device=pool.device)
+def _kcenter_loop(pool: Pool, budget: int) -> tuple[Any, Any]:
+    """(picks (B,), their min_d2 (B,)): one pass over the rows per pick, no host sync on one device."""
+    picks, pick_d2 = pool.vectors(budget)
     for t in range(budget):
-        d2, i = pool.farthest()
-        if t == 0 and not pool.has_labeled:
-            d2, i = torch.full_like(d2, math.inf), start
-        picks[t], pick_d2[t] = i, d2
-        i = i.view(1)
-        pool.add_center(pool.distances(*pool.query_rows(i))[:, 0], i)
+        d2, i = pool.first_center() if t == 0 and not pool.has_labeled else pool.farthest()
+        picks[t], pick_d2[t] = i[0], d2
+        pool.add(i)
     return picks, pick_d2
 
 
 @torch.no_grad()
-def kmeanspp(x, labeled_mask, budget, seed: int, *, local_trials: int | str | None = None, device="auto",
-             backend: str = "auto", storage_dtype=torch.float32, chunk_size: int = 2048) -> Selection:
+def kmeanspp(x, labeled_mask, budget, *, seed: int = 0, local_trials: int | str | None = None,
+             **options) -> Selection:
     """k-means++ seeding (Arthur & Vassilvitskii 2007; BADGE and the ALGES paper): each pick is
     drawn with probability proportional to D^2, the squared distance to the chosen set.
 
@@ -216,119 +274,102 @@ def kmeanspp(x, labeled_mask, budget, seed: int, *, local_trials: int | str | No
     """
     n_trials = resolve_local_trials(local_trials, budget if isinstance(budget, int) and budget > 0 else 1)
     t0 = time.perf_counter()
-    pool, budget, backend = _prepare(x, labeled_mask, budget, device=device, backend=backend,
-                                     storage_dtype=storage_dtype, chunk_size=chunk_size)
-    u = kmeanspp_uniforms(budget, n_trials, seed).to(pool.device)
-    t1 = _synced_clock(pool.device)
+    pool, _, budget = _start(x, labeled_mask, budget, options)
+    u = kmeanspp_uniforms(budget, n_trials, seed)
+    shard = getattr(pool, "shard", None)
+    if shard is not None:
+        u = u.to(shard.device)
+    t1 = _synced_clock(pool)
     with _loop_threads(pool):
-        picks, pick_d2, n_fill = _kmeanspp_loop(pool, budget, u)
-    picks, pick_d2, n_fill = picks.cpu().numpy(), pick_d2.cpu().numpy(), int(n_fill)  # the one host transfer
+        picks, pick_d2 = _kmeanspp_loop(pool, budget, u)
+    picks, pick_d2, n_fill, exhausted = pool.host(picks, pick_d2)
+    if exhausted:
+        gap = getattr(pool, "gap", None)
+        raise ValueError(f"k-means++ ran out of candidates after the labeled rows and selection.min_gap_s="
+                         f"{gap.gap_s if gap else 0}; lower min_gap_s or the budget")
     t2 = time.perf_counter()
     log.info("k-means++ (%d trials): %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
              n_trials, budget, t2 - t1, (t2 - t1) / max(budget, 1) * 1e3, t1 - t0)
-    return finish(picks, pick_d2, pool.scale, pool.zero_d2, n_fill, backend, (t1 - t0, t2 - t1))
+    return finish(picks, pick_d2, pool.scale, pool.zero_d2, n_fill, pool.backend, (t1 - t0, t2 - t1))
 
 
-def _kmeanspp_loop(pool: PoolShard, budget: int, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(picks (B,), their min_d2 (B,), random-fill count) on the device; u: (B, T) uniforms."""
-    n_trials = u.shape[1]
-    picks = torch.empty(budget, dtype=torch.int64, device=pool.device)
-    pick_d2 = torch.empty(budget, dtype=pool.compute_dtype, device=pool.device)
-    n_fill = torch.zeros((), dtype=torch.int64, device=pool.device)
+def _kmeanspp_loop(pool: Pool, budget: int, u: torch.Tensor) -> tuple[Any, Any]:
+    """(picks (B,), their min_d2 (B,)); u: (B, T) uniforms. No host sync on one device."""
+    picks, pick_d2 = pool.vectors(budget)
     for t in range(budget):
         if t == 0 and not pool.has_labeled:  # uniform first center; its radius is inf
-            i = pool.draw(u[0, :1] * pool.n, True)
-            picks[0], pick_d2[0] = i[0], math.inf
-            pool.add_center(pool.distances(*pool.query_rows(i))[:, 0], i)
-            continue
-        mass, n_cand = pool.d2_mass()
-        fill = mass <= 0
-        n_fill += fill
-        trials = pool.draw(u[t] * torch.where(fill, n_cand.to(mass.dtype), mass), fill)  # (T,)
-        if n_trials == 1:
-            i = trials
-            pick_d2[t] = pool.min_d2.index_select(0, i)[0]
-            pool.add_center(pool.distances(*pool.query_rows(i))[:, 0], i)
+            i = pool.draw_uniform(u[0, :1])
+            d2 = math.inf
+            pool.add(i)
         else:
-            best = torch.argmin(pool.trial_potentials(*pool.query_rows(trials)))
-            i = trials.index_select(0, best.view(1))
-            pick_d2[t] = pool.min_d2.index_select(0, i)[0]
-            pool.add_trial(best, i)
-        picks[t] = i[0]
-    return picks, pick_d2, n_fill
+            d2, i = pool.add_best(pool.draw(u[t]))
+        picks[t], pick_d2[t] = i[0], d2
+    return picks, pick_d2
 
 
-def top_k(score, labeled_mask, budget, largest: bool = True) -> Selection:
-    """The budget unlabeled rows with the largest (or smallest) score; ties -> lower index.
-
-    score: (N,) finite; uncertainty baselines (entropy, margin, ...) rank by it.
-    """
+def _checked_scores(score, labeled_mask, budget) -> tuple[np.ndarray, np.ndarray, int]:
     s = score.detach().cpu().numpy() if isinstance(score, torch.Tensor) else np.asarray(score)
+    if s.ndim == 2 and s.shape[1] == 1:
+        s = s[:, 0]
     if s.ndim != 1 or not np.issubdtype(s.dtype, np.number):
         raise ValueError(f"score must be a numeric (N,) array, got shape {s.shape} and dtype {s.dtype}")
     mask = check_labeled_mask(labeled_mask, s.shape[0])
     bad = np.flatnonzero(~np.isfinite(s))
     if bad.size:
         raise ValueError(f"score has NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
-    budget = check_budget(budget, int((~mask).sum()))
+    return s, mask, check_budget(budget, int((~mask).sum()))
+
+
+def top_k(score, labeled_mask, budget, *, seed: int = 0, largest: bool = True, gap: TimeGap | None = None
+          ) -> Selection:
+    """The budget unlabeled rows with the largest (or smallest) score; ties -> lower index.
+
+    score: (N,) finite; uncertainty baselines (entropy, margin, ...) rank by it. seed: unused
+    (the rule is deterministic; kept for the common signature). gap: skip rows within
+    ``gap.gap_s`` of a labeled row or a higher-ranked pick of the same video.
+    """
+    s, mask, budget = _checked_scores(score, labeled_mask, budget)
     cand = np.flatnonzero(~mask)
-    order = np.argsort(-s[cand] if largest else s[cand], kind="stable")[:budget]
-    return Selection(cand[order].astype(np.int64), np.full(budget, np.nan, np.float32))
+    order = cand[np.argsort(-s[cand] if largest else s[cand], kind="stable")]
+    picks = _first_eligible(order, ~mask, np.empty(0, np.int64), mask, gap, budget)
+    return Selection(picks.astype(np.int64), np.full(budget, np.nan, np.float32))
 
 
-def random(labeled_mask, budget, seed: int) -> Selection:
-    """budget unlabeled rows uniformly at random, from a generator seeded by ``seed``."""
+def random(values, labeled_mask, budget, *, seed: int = 0, gap: TimeGap | None = None) -> Selection:
+    """budget unlabeled rows uniformly at random, from a generator seeded by ``seed``.
+
+    values: unused (None or the pool's rows; kept for the common signature).
+    """
     mask = check_labeled_mask(labeled_mask)
     budget = check_budget(budget, int((~mask).sum()))
     cand = np.flatnonzero(~mask)
-    order = torch.randperm(cand.size, generator=torch.Generator().manual_seed(seed))[:budget].numpy()
-    return Selection(cand[order].astype(np.int64), np.full(budget, np.nan, np.float32))
+    order = cand[torch.randperm(cand.size, generator=torch.Generator().manual_seed(seed)).numpy()]
+    picks = _first_eligible(order, ~mask, np.empty(0, np.int64), mask, gap, budget)
+    return Selection(picks.astype(np.int64), np.full(budget, np.nan, np.float32))
 
 
-def _needs(name: str, value: Any, method: str) -> None:
-    if value is None:
-        raise ValueError(f"method {method!r} needs {name}=...")
-
-
-def _run_kcenter(labeled_mask, budget, *, x, score, largest, seed, **options):
-    _needs("x", x, "kcenter")
-    return kcenter_greedy(x, labeled_mask, budget, seed=seed, **options)
-
-
-def _run_kmeanspp(labeled_mask, budget, *, x, score, largest, seed, **options):
-    _needs("x", x, "kmeans++")
-    return kmeanspp(x, labeled_mask, budget, seed, **options)
-
-
-def _run_top_k(labeled_mask, budget, *, x, score, largest, seed, **options):
-    _needs("score", score, "top-k")
-    return top_k(score, labeled_mask, budget, largest=largest, **options)
-
-
-def _run_random(labeled_mask, budget, *, x, score, largest, seed, **options):
-    return random(labeled_mask, budget, seed, **options)
-
-
-SELECTION_METHODS: dict[str, Callable[..., Selection]] = {
-    "kcenter": _run_kcenter,
-    "kmeans++": _run_kmeanspp,
-    "top-k": _run_top_k,
-    "random": _run_random,
+PICK_RULES: dict[str, Callable[..., Selection]] = {
+    "kcenter": kcenter_greedy,
+    "kmeans++": kmeanspp,
+    "top-k": top_k,
+    "random": random,
 }
+SELECTION_METHODS = PICK_RULES  # the name earlier code used
 
 
-def select(method: str, labeled_mask, budget, *, x=None, score=None, largest: bool = True, seed: int = 0,
-           **options) -> Selection:
-    """The one entry the round loop calls: ``SELECTION_METHODS[method]`` with its inputs.
+def select(rule: str, values, labeled_mask, budget, *, seed: int = 0, **options) -> Selection:
+    """The one entry the selection task calls: ``PICK_RULES[rule](values, labeled_mask, budget, seed=, ...)``.
 
-    options go to the method (device, backend, storage_dtype, chunk_size, local_trials).
+    values: (N, d) rows for k-center / k-means++, (N,) scores for top-k, ignored by random.
+    options go to the rule (device, backend, storage_dtype, chunk_size, local_trials, largest, gap).
     """
-    if method not in SELECTION_METHODS:
-        raise ValueError(f"unknown selection method {method!r}; valid: {list(SELECTION_METHODS)}")
+    if rule not in PICK_RULES:
+        raise ValueError(f"unknown pick rule {rule!r}; valid: {list(PICK_RULES)}")
+    if values is None and rule != "random":
+        raise ValueError(f"pick rule {rule!r} needs values (embeddings or scores)")
     try:
-        return SELECTION_METHODS[method](labeled_mask, budget, x=x, score=score, largest=largest, seed=seed,
-                                         **options)
+        return PICK_RULES[rule](values, labeled_mask, budget, seed=seed, **options)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
-            raise ValueError(f"method {method!r} does not take option(s) {sorted(options)}: {e}") from e
+            raise ValueError(f"pick rule {rule!r} does not take option(s) {sorted(options)}: {e}") from e
         raise

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "faiss", "torch")
+from alges_dist.selection_knn import BACKENDS, faiss_has_gpu, nearest_distances, resolve_backend  # noqa: F401
+
 STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                   "float16": torch.float16}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-# faiss knn_gpu scratch space; bounded so selection fits beside a training job on the GPU.
-FAISS_GPU_TEMP_MEMORY_BYTES = 256 * 2**20
 _N_AUG = 6  # half storage: three terms of ||x||^2 and three ones columns appended to each row
 
 
@@ -92,35 +91,6 @@ def resolve_device(device: Any, x: torch.Tensor | None = None) -> torch.device:
             return x.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def faiss_has_gpu() -> bool:
-    try:
-        import faiss
-    except ImportError:
-        return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto': faiss knn_gpu on CUDA when faiss has GPU support, else torch.
-
-    On this project's CPU machine faiss-cpu's bundled OpenBLAS kNN is 3-5x slower than
-    torch (ENVIRONMENT.md, "faiss-cpu"), so CPU defaults to torch; backend="faiss" forces it.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "faiss" if device.type == "cuda" and faiss_has_gpu() else "torch"
-    if backend == "faiss":
-        try:
-            import faiss  # noqa: F401
-        except ImportError as e:
-            raise ValueError("backend='faiss' needs faiss (pip install faiss-cpu or faiss-gpu); "
-                             "or use backend='torch'") from e
-        if device.type == "cuda" and not faiss_has_gpu():
-            raise ValueError(f"backend='faiss' on {device} needs a GPU build of faiss; use backend='torch'")
-    return backend
 
 
 # ---- the engine: one block of rows on one device ------------------------------------------
@@ -218,10 +188,10 @@ class PoolShard:
             return
         ref, ref_sq = ref.to(self.device, self.compute_dtype), ref_sq.to(self.device, self.compute_dtype)
         cs = self.chunk_size
-        knn = _faiss_nearest if backend == "faiss" else _torch_nearest
         for a in range(0, self.n, cs):
             b = min(a + cs, self.n)
-            d2 = knn(self.x[a:b, :self.d].to(self.compute_dtype), self.xn[a:b], ref, ref_sq, cs)
+            d2 = nearest_distances(self.x[a:b, :self.d].to(self.compute_dtype), self.xn[a:b], ref, ref_sq, cs,
+                                   backend=backend)
             self.min_d2[a:b] = torch.where(self.candidate[a:b], d2.to(self.compute_dtype), self.min_d2[a:b])
         self._start = (self.min_d2.clone(), self.candidate.clone())
 
@@ -253,6 +223,12 @@ class PoolShard:
         if local_idx is not None:
             self.min_d2.index_fill_(0, local_idx, 0)
             self.candidate.index_fill_(0, local_idx, False)
+
+    def exclude(self, rows: torch.Tensor) -> None:
+        """Rows (n,) bool leave the candidates as if chosen (distance 0), without being centers:
+        frames too close in time to a chosen one (``selection.min_gap_s``)."""
+        self.min_d2.masked_fill_(rows, 0)
+        self.candidate.masked_fill_(rows, False)
 
     def trial_potentials(self, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
         """(T,) float64 k-means potential sum_i min(min_d2_i, d2(i, trial)); keeps the columns."""
@@ -291,52 +267,8 @@ class PoolShard:
         cum = torch.cumsum(w, 0)  # (n,)
         top = torch.nextafter(cum[-1], cum.new_zeros(()))
         targets = torch.minimum(targets.to(self.device, torch.float64).clamp_min(0), top)
-        return torch.searchsorted(cum, targets, right=True)
-
-
-def _torch_nearest(q, q_sq, ref, ref_sq, chunk_size):
-    """(nq,) squared distance from each query row to its nearest ref row; ref in blocks."""
-    best = torch.full((q.shape[0],), math.inf, dtype=q.dtype, device=q.device)
-    for a in range(0, ref.shape[0], chunk_size):
-        # (nq, L_block) ||r||^2 - 2 q.r; ||q||^2 is the same along a row: added to the minimum only
-        block = torch.addmm(ref_sq[None, a:a + chunk_size], q, ref[a:a + chunk_size].T, alpha=-2)
-        torch.minimum(best, block.amin(dim=1), out=best)  # amin: min(dim=) stalls ~10 ms on busy cores
-    return best + q_sq
-
-
-_FAISS_GPU_RESOURCES: dict[int, Any] = {}  # one StandardGpuResources per device, made on first use
-
-
-def _faiss_nearest(q, q_sq, ref, ref_sq, chunk_size):
-    """faiss kNN (k=1, squared L2, float32): faiss.knn on CPU, knn_gpu-style bfKnn on CUDA."""
-    import faiss
-
-    q32, ref32 = q.float().contiguous(), ref.float().contiguous()
-    if not q.is_cuda:
-        return torch.from_numpy(faiss.knn(q32.numpy(), ref32.numpy(), 1)[0][:, 0])
-    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if dev not in _FAISS_GPU_RESOURCES:
-        res = faiss.StandardGpuResources()
-        res.setTempMemory(FAISS_GPU_TEMP_MEMORY_BYTES)
-        _FAISS_GPU_RESOURCES[dev] = res
-    d2 = torch.empty(q.shape[0], 1, dtype=torch.float32, device=q.device)
-    idx = torch.empty(q.shape[0], 1, dtype=torch.int64, device=q.device)
-    args = faiss.GpuDistanceParams()  # as faiss.contrib.torch_utils' knn_gpu, without its global patching
-    args.metric, args.k, args.dims = faiss.METRIC_L2, 1, q.shape[1]
-    args.vectors, args.vectorType, args.numVectors = _faiss_ptr(ref32), faiss.DistanceDataType_F32, ref.shape[0]
-    args.queries, args.queryType, args.numQueries = _faiss_ptr(q32), faiss.DistanceDataType_F32, q.shape[0]
-    args.outDistances, args.outIndices = _faiss_ptr(d2), faiss.cast_integer_to_idx_t_ptr(idx.data_ptr())
-    args.outIndicesType, args.device = faiss.IndicesDataType_I64, dev
-    torch.cuda.synchronize(q.device)  # faiss runs on its own stream: inputs ready, outputs awaited
-    faiss.bfKnn(_FAISS_GPU_RESOURCES[dev], args)
-    torch.cuda.synchronize(q.device)
-    return d2[:, 0]
-
-
-def _faiss_ptr(t: torch.Tensor):
-    import faiss
-
-    return faiss.cast_integer_to_float_ptr(t.data_ptr())
+        # clamped: with no candidate left (the time gap took them) the caller raises afterwards
+        return torch.searchsorted(cum, targets, right=True).clamp_max(self.n - 1)
 
 
 # ---- single-device preparation ----------------------------------------------------------------
@@ -373,3 +305,116 @@ def storage_scale(max_sq_norm: float, storage_dtype: torch.dtype) -> float:
     if storage_dtype not in HALF_DTYPES or max_sq_norm <= 0:
         return 1.0
     return 2.0 ** -math.ceil(0.5 * math.log2(max_sq_norm))
+
+
+# ---- the pool protocol on one device ----------------------------------------------------------
+class TimeGap(NamedTuple):
+    """Rows of one video closer than ``gap_s`` in time never end up in one batch (``selection.min_gap_s``).
+
+    group: (N,) int64 video code per row (-1: no time, the row is never near another);
+    seconds: (N,) float64 time of each row in its video.
+    """
+
+    group: np.ndarray
+    seconds: np.ndarray
+    gap_s: float
+
+    def near(self, rows: np.ndarray) -> np.ndarray:
+        """(N,) bool: rows within gap_s of any of ``rows`` (indices) in the same video."""
+        hit = np.zeros(self.group.shape[0], bool)
+        for video in np.unique(self.group[rows]):
+            if video < 0:
+                continue
+            mine = np.flatnonzero(self.group == video)
+            t = np.sort(self.seconds[rows[self.group[rows] == video]])
+            pos = np.searchsorted(t, self.seconds[mine])  # nearest chosen time on each side
+            left = np.abs(self.seconds[mine] - t[np.maximum(pos - 1, 0)])
+            right = np.abs(t[np.minimum(pos, t.size - 1)] - self.seconds[mine])
+            hit[mine] = np.minimum(left, right) < self.gap_s
+        return hit
+
+
+class DevicePool:
+    """The whole pool as one ``PoolShard`` on one device: what the greedy loops of
+    ``selection.py`` drive (``distributed/sharded_selection.ShardedPool`` is the same
+    protocol over Ray actors). Indices are (1,) device tensors and nothing here waits for
+    the device: the loops never sync the host per pick.
+    """
+
+    def __init__(self, shard: PoolShard, backend: str, gap: TimeGap | None = None):
+        self.shard, self.backend, self.n = shard, backend, shard.n
+        self.scale, self.zero_d2 = shard.scale, shard.zero_d2
+        self.gap = gap
+        if gap is not None:
+            self._group = torch.from_numpy(gap.group).to(shard.device)
+            self._seconds = torch.from_numpy(gap.seconds).to(shard.device, torch.float64)
+
+    def start(self, labeled: np.ndarray) -> None:
+        """A new selection: labeled rows are centers; rows near them in time are out (``gap``)."""
+        shard = self.shard
+        shard.set_labeled(labeled)
+        labeled_idx = torch.from_numpy(np.flatnonzero(labeled)).to(shard.device)
+        shard.init_labeled_distances(shard.plain_rows(labeled_idx), shard.xn[labeled_idx], self.backend)
+        if self.gap is not None and labeled.any():
+            shard.exclude(torch.from_numpy(self.gap.near(np.flatnonzero(labeled))).to(shard.device))
+        self.has_labeled = bool(labeled.any())
+        self.n_fill = torch.zeros((), dtype=torch.int64, device=shard.device)
+        self.exhausted = torch.zeros((), dtype=torch.bool, device=shard.device)
+
+    def vectors(self, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty (picks, their min_d2) of length budget, where the loop writes."""
+        device = self.shard.device
+        return (torch.empty(budget, dtype=torch.int64, device=device),
+                torch.empty(budget, dtype=self.shard.compute_dtype, device=device))
+
+    def first_center(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """k-center's start without labeled rows: the largest-norm row, at distance inf."""
+        i = torch.tensor([self.shard.largest_input_norm[1]], device=self.shard.device)
+        return torch.full((), math.inf, dtype=self.shard.compute_dtype, device=self.shard.device), i
+
+    def farthest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d2, i = self.shard.farthest()
+        return d2, i.view(1)
+
+    def add(self, i: torch.Tensor) -> None:
+        """Row i (1,) joins the chosen set: its distances are folded in, it and its neighbours
+        in time leave the candidates."""
+        shard = self.shard
+        shard.add_center(shard.distances(*shard.query_rows(i))[:, 0], i)
+        self._exclude_near(i)
+
+    def draw_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """(1,) a candidate drawn uniformly (k-means++'s first center without labeled rows)."""
+        return self.shard.draw(u * self.shard.n, True)
+
+    def draw(self, u: torch.Tensor) -> torch.Tensor:
+        """(T,) rows drawn with probability proportional to D^2 at uniforms u (T,); when every
+        distance is 0, uniformly among candidates (counted in n_fill)."""
+        mass, n_cand = self.shard.d2_mass()
+        fill = mass <= 0
+        self.n_fill += fill
+        self.exhausted |= n_cand == 0
+        return self.shard.draw(u * torch.where(fill, n_cand.to(mass.dtype), mass), fill)
+
+    def add_best(self, trials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the trial (of T) that lowers the potential sum(D^2) most; returns (its min_d2, (1,) index)."""
+        shard = self.shard
+        if trials.shape[0] == 1:
+            d2 = shard.min_d2.index_select(0, trials)[0]
+            self.add(trials)
+            return d2, trials
+        best = torch.argmin(shard.trial_potentials(*shard.query_rows(trials)))
+        i = trials.index_select(0, best.view(1))
+        d2 = shard.min_d2.index_select(0, i)[0]
+        shard.add_trial(best, i)
+        self._exclude_near(i)
+        return d2, i
+
+    def _exclude_near(self, i: torch.Tensor) -> None:
+        if self.gap is not None:
+            g, t = self._group.index_select(0, i), self._seconds.index_select(0, i)
+            self.shard.exclude((self._group == g) & (g >= 0) & ((self._seconds - t).abs() < self.gap.gap_s))
+
+    def host(self, picks: torch.Tensor, pick_d2: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, bool]:
+        """The one host transfer: (picks, min_d2 at pick time, random-fill count, ran out of candidates)."""
+        return picks.cpu().numpy(), pick_d2.cpu().numpy(), int(self.n_fill), bool(self.exhausted)

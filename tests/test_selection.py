@@ -12,7 +12,8 @@ from scipy import stats
 
 from alges_dist import selection as sel
 from alges_dist import selection_engine as engine
-from alges_dist.selection import SELECTION_METHODS, kcenter_greedy, kmeanspp, random, select, top_k
+from alges_dist import selection_knn as knn
+from alges_dist.selection import PICK_RULES, kcenter_greedy, kmeanspp, random, select, top_k
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -78,16 +79,16 @@ def test_faiss_and_torch_backends_agree():
     torch_sel = kcenter_greedy(x, labeled, 100, backend="torch", chunk_size=512)
     np.testing.assert_array_equal(faiss_sel.indices, torch_sel.indices)
     np.testing.assert_allclose(faiss_sel.radii, torch_sel.radii, rtol=1e-5)
-    km_faiss = kmeanspp(x, labeled, 50, 3, backend="faiss", local_trials="auto")
-    km_torch = kmeanspp(x, labeled, 50, 3, backend="torch", local_trials="auto")
+    km_faiss = kmeanspp(x, labeled, 50, seed=3, backend="faiss", local_trials="auto")
+    km_torch = kmeanspp(x, labeled, 50, seed=3, backend="torch", local_trials="auto")
     np.testing.assert_array_equal(km_faiss.indices, km_torch.indices)
 
 
 @pytest.mark.parametrize("method", ["kcenter", "kmeans++"])
 def test_chunked_equals_whole(method):
     x, labeled = gaussian_pool(n=1000, d=24, n_labeled=150)
-    whole = select(method, labeled, 80, x=x, seed=4, chunk_size=4096)
-    chunked = select(method, labeled, 80, x=x, seed=4, chunk_size=61)  # ragged blocks of rows and labeled
+    whole = select(method, x, labeled, 80, seed=4, chunk_size=4096)
+    chunked = select(method, x, labeled, 80, seed=4, chunk_size=61)  # ragged blocks of rows and labeled
     np.testing.assert_array_equal(chunked.indices, whole.indices)
     np.testing.assert_allclose(chunked.radii, whole.radii, rtol=1e-6)
 
@@ -95,8 +96,8 @@ def test_chunked_equals_whole(method):
 @pytest.mark.parametrize("method", ["kcenter", "kmeans++"])
 def test_float32_matches_float64(method):
     x, labeled = gaussian_pool(n=1000, d=24, n_labeled=50)
-    f32 = select(method, labeled, 80, x=x, seed=1, storage_dtype=torch.float32)
-    f64 = select(method, labeled, 80, x=x, seed=1, storage_dtype="float64")
+    f32 = select(method, x, labeled, 80, seed=1, storage_dtype=torch.float32)
+    f64 = select(method, x, labeled, 80, seed=1, storage_dtype="float64")
     np.testing.assert_array_equal(f32.indices, f64.indices)
     np.testing.assert_allclose(f32.radii, f64.radii, rtol=1e-5)
     exact = np.sqrt(squared_distances_to(x, np.flatnonzero(labeled))[f64.indices[0]])
@@ -144,7 +145,7 @@ def test_kmeanspp_pick_pairs_follow_d2_sampling():
     counts = dict.fromkeys(expected, 0)
     n_draws = 2000
     for s in range(n_draws):
-        picks = kmeanspp(x, labeled, 2, s).indices
+        picks = kmeanspp(x, labeled, 2, seed=s).indices
         counts[tuple(picks)] += 1
     keys = list(expected)
     observed = np.array([counts[k] for k in keys])
@@ -180,8 +181,8 @@ def test_kmeanspp_local_trials_potential_comparable_to_sklearn():
 
     x, _ = make_blobs(n_samples=2000, centers=25, n_features=8, cluster_std=1.5, random_state=0)
     none = np.zeros(len(x), bool)
-    ours = [squared_distances_to(x, kmeanspp(x, none, 25, s, local_trials="auto").indices).sum() for s in range(5)]
-    plain = [squared_distances_to(x, kmeanspp(x, none, 25, s).indices).sum() for s in range(5)]
+    ours = [squared_distances_to(x, kmeanspp(x, none, 25, seed=s, local_trials="auto").indices).sum() for s in range(5)]
+    plain = [squared_distances_to(x, kmeanspp(x, none, 25, seed=s).indices).sum() for s in range(5)]
     ref = [squared_distances_to(x, kmeans_plusplus(x, 25, random_state=s)[1]).sum() for s in range(5)]
     assert 0.85 < np.mean(ours) / np.mean(ref) < 1.15
     assert np.mean(ours) < np.mean(plain)
@@ -189,25 +190,25 @@ def test_kmeanspp_local_trials_potential_comparable_to_sklearn():
 
 def test_kmeanspp_one_local_trial_equals_plain_d2_sampling():
     x, labeled = gaussian_pool()
-    np.testing.assert_array_equal(kmeanspp(x, labeled, 30, 2, local_trials=1).indices,
-                                  kmeanspp(x, labeled, 30, 2).indices)
+    np.testing.assert_array_equal(kmeanspp(x, labeled, 30, seed=2, local_trials=1).indices,
+                                  kmeanspp(x, labeled, 30, seed=2).indices)
 
 
 def test_kmeanspp_without_labeled_starts_at_seeded_random_row():
     x, _ = gaussian_pool(n=200)
     none = np.zeros(200, bool)
-    firsts = [kmeanspp(x, none, 3, s).indices[0] for s in range(8)]
+    firsts = [kmeanspp(x, none, 3, seed=s).indices[0] for s in range(8)]
     assert len(set(firsts)) > 4  # seeded random, not a fixed row such as 0
-    assert kmeanspp(x, none, 3, 5).indices[0] == kmeanspp(x, none, 3, 5).indices[0]
-    assert kmeanspp(x, none, 3, 5).radii[0] == np.inf
+    assert kmeanspp(x, none, 3, seed=5).indices[0] == kmeanspp(x, none, 3, seed=5).indices[0]
+    assert kmeanspp(x, none, 3, seed=5).radii[0] == np.inf
 
 
 # ---- edge cases ------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", list(SELECTION_METHODS))
+@pytest.mark.parametrize("method", list(PICK_RULES))
 def test_budget_at_least_unlabeled_returns_all_unlabeled_with_warning(method):
     x, labeled = gaussian_pool(n=40, n_labeled=10)
     with pytest.warns(UserWarning, match="budget 50 >= the 30 unlabeled rows: selecting all of them"):
-        got = select(method, labeled, 50, x=x, score=x[:, 0], seed=0)
+        got = select(method, x[:, 0] if method == "top-k" else x, labeled, 50, seed=0)
     assert sorted(got.indices) == np.flatnonzero(~labeled).tolist()
 
 
@@ -218,12 +219,12 @@ def test_duplicates_fill_with_seeded_random_picks(method):
     x = np.repeat(distinct, 4, axis=0)  # 20 rows, 5 distinct
     labeled = np.zeros(20, bool)
     labeled[0] = True  # covers rows 0-3
-    got = select(method, labeled, 12, x=x, seed=3)
+    got = select(method, x, labeled, 12, seed=3)
     assert len(set(got.indices)) == 12 and not labeled[got.indices].any()
     assert sorted({i // 4 for i in got.indices[:4]}) == [1, 2, 3, 4]  # one per uncovered point first
     assert np.all(got.radii[:4] > 0) and np.all(got.radii[4:] == 0)
     assert got.n_random_fill == 8
-    again, other = select(method, labeled, 12, x=x, seed=3), select(method, labeled, 12, x=x, seed=4)
+    again, other = select(method, x, labeled, 12, seed=3), select(method, x, labeled, 12, seed=4)
     np.testing.assert_array_equal(got.indices, again.indices)
     assert not np.array_equal(got.indices[4:], other.indices[4:])
 
@@ -233,7 +234,7 @@ def test_nonfinite_rows_raise_naming_them(method):
     x, labeled = gaussian_pool()
     x[17, 3], x[3, 0], x[250, 1] = np.nan, np.inf, -np.inf
     with pytest.raises(ValueError, match=r"NaN or inf in 3 rows \(first: \[3, 17, 250\]\)"):
-        select(method, labeled, 5, x=x, chunk_size=16)
+        select(method, x, labeled, 5, chunk_size=16)
 
 
 def test_nonfinite_scores_raise_naming_them():
@@ -242,17 +243,17 @@ def test_nonfinite_scores_raise_naming_them():
 
 
 @pytest.mark.parametrize("budget", [0, -3, 2.5, True])
-@pytest.mark.parametrize("method", list(SELECTION_METHODS))
+@pytest.mark.parametrize("method", list(PICK_RULES))
 def test_nonpositive_budget_raises(method, budget):
     x, labeled = gaussian_pool(n=30, n_labeled=3)
     with pytest.raises(ValueError, match="budget must be a positive integer"):
-        select(method, labeled, budget, x=x, score=x[:, 0])
+        select(method, x[:, 0] if method == "top-k" else x, labeled, budget)
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown selection method 'badge'; valid: \['kcenter', 'kmeans\+\+', "
+    with pytest.raises(ValueError, match=r"unknown pick rule 'badge'; valid: \['kcenter', 'kmeans\+\+', "
                                          r"'top-k', 'random'\]"):
-        select("badge", np.zeros(3, bool), 1)
+        select("badge", None, np.zeros(3, bool), 1)
 
 
 def test_bad_inputs_raise():
@@ -266,11 +267,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="backend must be one of"):
         kcenter_greedy(x, labeled, 3, backend="annoy")
     with pytest.raises(ValueError, match="local_trials must be None, 'auto' or an integer >= 1"):
-        kmeanspp(x, labeled, 3, 0, local_trials=0)
-    with pytest.raises(ValueError, match="method 'top-k' needs score"):
-        select("top-k", labeled, 3)
-    with pytest.raises(ValueError, match="method 'random' does not take option"):
-        select("random", labeled, 3, device="cpu")
+        kmeanspp(x, labeled, 3, seed=0, local_trials=0)
+    with pytest.raises(ValueError, match="pick rule 'top-k' needs values"):
+        select("top-k", None, labeled, 3)
+    with pytest.raises(ValueError, match="pick rule 'random' does not take option"):
+        select("random", None, labeled, 3, device="cpu")
 
 
 # ---- score and random baselines ---------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_top_k_ranks_unlabeled_by_score():
 def test_random_is_seeded_and_skips_labeled():
     labeled = np.zeros(100, bool)
     labeled[::3] = True
-    a, b, c = random(labeled, 20, 0), random(labeled, 20, 0), random(labeled, 20, 1)
+    a, b, c = random(None, labeled, 20, seed=0), random(None, labeled, 20, seed=0), random(None, labeled, 20, seed=1)
     np.testing.assert_array_equal(a.indices, b.indices)
     assert not np.array_equal(a.indices, c.indices)
     assert len(set(a.indices)) == 20 and not labeled[a.indices].any()
@@ -293,9 +294,9 @@ def test_random_is_seeded_and_skips_labeled():
 
 def test_select_dispatches_to_the_method():
     x, labeled = gaussian_pool()
-    np.testing.assert_array_equal(select("kcenter", labeled, 10, x=x).indices, kcenter_greedy(x, labeled, 10).indices)
-    np.testing.assert_array_equal(select("kmeans++", labeled, 10, x=x, seed=3, local_trials=2).indices,
-                                  kmeanspp(x, labeled, 10, 3, local_trials=2).indices)
+    np.testing.assert_array_equal(select("kcenter", x, labeled, 10).indices, kcenter_greedy(x, labeled, 10).indices)
+    np.testing.assert_array_equal(select("kmeans++", x, labeled, 10, seed=3, local_trials=2).indices,
+                                  kmeanspp(x, labeled, 10, seed=3, local_trials=2).indices)
 
 
 # ---- CUDA -----------------------------------------------------------------------------------------
@@ -306,8 +307,8 @@ def test_cuda_matches_cpu(storage_dtype):
     x, labeled = gaussian_pool(n=3000, d=32, n_labeled=100)
     x = x.astype(np.float32)
     for method in ("kcenter", "kmeans++"):
-        cpu = select(method, labeled, 100, x=x, seed=2, device="cpu", storage_dtype=storage_dtype)
-        gpu = select(method, labeled, 100, x=torch.from_numpy(x).cuda(), seed=2, device="auto",
+        cpu = select(method, x, labeled, 100, seed=2, device="cpu", storage_dtype=storage_dtype)
+        gpu = select(method, torch.from_numpy(x).cuda(), labeled, 100, seed=2, device="auto",
                      storage_dtype=storage_dtype, backend="torch")
         assert (gpu.indices == cpu.indices).mean() > (0.99 if storage_dtype == "float32" else 0.8)
         np.testing.assert_allclose(gpu.radii[-1], cpu.radii[-1], rtol=1e-2)
@@ -316,7 +317,7 @@ def test_cuda_matches_cpu(storage_dtype):
 @cuda
 @pytest.mark.gpu
 def test_cuda_faiss_backend_agrees_with_torch():
-    if not engine.faiss_has_gpu():
+    if not knn.faiss_has_gpu():
         pytest.skip("faiss has no GPU support in this environment")
     x, labeled = gaussian_pool(n=5000, d=32, n_labeled=300)
     x = torch.from_numpy(x.astype(np.float32)).cuda()
@@ -330,15 +331,72 @@ def test_cuda_faiss_backend_agrees_with_torch():
 @pytest.mark.parametrize("local_trials", [None, 3])
 def test_cuda_greedy_loops_never_sync_the_host(local_trials):
     x, labeled = gaussian_pool(n=3000, d=32, n_labeled=100)
-    pool, budget, _ = sel._prepare(x, labeled, 50, device="cuda", backend="torch", storage_dtype="float32",
-                                   chunk_size=1024)
-    start = torch.zeros((), dtype=torch.int64, device="cuda")
+    gap = engine.TimeGap(np.arange(3000) // 100, np.arange(3000) % 100 * 1.0, 3.0)  # the gap's masks too
+    pool = sel.device_pool(x, device="cuda", backend="torch", storage_dtype="float32", chunk_size=1024, gap=gap)
     u = sel.kmeanspp_uniforms(50, 1 if local_trials is None else local_trials, 0).cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        sel._kcenter_loop(pool, budget, start)
-        pool.reset()
-        sel._kmeanspp_loop(pool, budget, u)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    for loop in (lambda: sel._kcenter_loop(pool, 50), lambda: sel._kmeanspp_loop(pool, 50, u)):
+        pool.start(labeled)  # the labeled kNN may sync; the loops may not
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loop()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+# ---- the time gap (selection.min_gap_s) --------------------------------------------------------------
+def video_gap(n, per_video=50, gap_s=4.0):
+    """Rows are frames of videos of ``per_video`` seconds at 1 fps."""
+    return engine.TimeGap(np.arange(n) // per_video, (np.arange(n) % per_video) * 1.0, gap_s)
+
+
+def too_close(gap, rows):
+    """Pairs (brute force) of rows of one video closer than the gap."""
+    g, t = gap.group[rows], gap.seconds[rows]
+    close = (g[:, None] == g[None, :]) & (np.abs(t[:, None] - t[None, :]) < gap.gap_s)
+    np.fill_diagonal(close, False)
+    return np.argwhere(close)
+
+
+def bruteforce_kcenter_with_gap(x, labeled, budget, gap):
+    """O(N^2) farthest-first where rows near a labeled row or a pick are out of the race."""
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    near = lambda rows: np.array([(gap.group == gap.group[r]) & (np.abs(gap.seconds - gap.seconds[r]) < gap.gap_s)
+                                  for r in rows]).any(0)
+    out = near(np.flatnonzero(labeled)) | labeled
+    min_d, picks = dist[:, labeled].min(1), []
+    while len(picks) < budget:
+        i = int(np.argmax(np.where(out, -1, min_d)))
+        picks.append(i)
+        min_d = np.minimum(min_d, dist[i])
+        out |= near([i])
+    return np.array(picks)
+
+
+def test_kcenter_with_time_gap_equals_bruteforce():
+    x, labeled = gaussian_pool(n=300, n_labeled=10)
+    gap = video_gap(300)
+    got = kcenter_greedy(x, labeled, 40, gap=gap)
+    np.testing.assert_array_equal(got.indices, bruteforce_kcenter_with_gap(x, labeled, 40, gap))
+
+
+@pytest.mark.parametrize("rule", list(PICK_RULES))
+def test_every_rule_keeps_picks_apart_in_time_and_from_labeled_frames(rule):
+    x, labeled = gaussian_pool(n=300, n_labeled=10)
+    gap = video_gap(300)
+    values = x[:, 0] if rule == "top-k" else x
+    plain = select(rule, values, labeled, 40, seed=1)
+    got = select(rule, values, labeled, 40, seed=1, gap=gap)
+    assert len(set(got.indices)) == 40 and not labeled[got.indices].any()
+    assert too_close(gap, got.indices).size == 0
+    assert not gap.near(np.flatnonzero(labeled))[got.indices].any()
+    if rule in ("top-k", "kcenter"):  # without the gap these rules do pick neighbours on this pool
+        assert too_close(gap, plain.indices).size > 0 or rule == "kcenter"
+
+
+def test_time_gap_that_leaves_too_few_frames_says_so():
+    x, labeled = gaussian_pool(n=100, n_labeled=0)
+    gap = video_gap(100, per_video=50, gap_s=30.0)  # at most 2 frames per 50-s video, 4 in all
+    for rule in PICK_RULES:
+        with pytest.raises(ValueError, match="min_gap_s=30.0"):
+            select(rule, x[:, 0] if rule == "top-k" else x, labeled, 6, seed=0, gap=gap)

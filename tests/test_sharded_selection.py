@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from alges_dist.selection import kcenter_greedy, kmeanspp
+from alges_dist.selection_engine import TimeGap
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture
 def sharded(ray_local):
-    from alges_dist.distributed.sharded_selection import ShardedSelector
+    from alges_dist.distributed.sharded_selection import ShardedPool
 
-    return ShardedSelector
+    return ShardedPool
 
 
 def pool(n=600, d=16, seed=0):
@@ -35,12 +36,20 @@ def assert_same(a, b):
 def test_sharded_selection_equals_single_device(sharded, storage_dtype):
     x, labeled = pool()
     opts = {"storage_dtype": storage_dtype, "chunk_size": 128}
-    with sharded([x[:250], x[250:]], **opts) as sh:  # one selector, several selections: each starts afresh
+    with sharded([x[:250], x[250:]], **opts) as sh:  # one pool, several selections: each starts afresh
         for mask in (labeled, np.zeros_like(labeled)):
-            assert_same(sh.kcenter_greedy(mask, 30, seed=1), kcenter_greedy(x, mask, 30, seed=1, **opts))
+            assert_same(kcenter_greedy(sh, mask, 30, seed=1), kcenter_greedy(x, mask, 30, seed=1, **opts))
             for local_trials in (None, 3):
-                assert_same(sh.kmeanspp(mask, 30, 7, local_trials=local_trials),
-                            kmeanspp(x, mask, 30, 7, local_trials=local_trials, **opts))
+                assert_same(kmeanspp(sh, mask, 30, seed=7, local_trials=local_trials),
+                            kmeanspp(x, mask, 30, seed=7, local_trials=local_trials, **opts))
+
+
+def test_sharded_time_gap_equals_single_device(sharded):
+    x, labeled = pool()
+    gap = TimeGap(np.arange(600) // 50, (np.arange(600) % 50) * 1.0, 4.0)  # 12 videos of 50 s
+    with sharded([x[:333], x[333:]], gap=gap) as sh:
+        for rule in (kcenter_greedy, kmeanspp):
+            assert_same(rule(sh, labeled, 40, seed=3), rule(x, labeled, 40, seed=3, gap=gap))
 
 
 def test_sharded_random_fill_and_budget_checks_equal_single_device(sharded):
@@ -49,17 +58,17 @@ def test_sharded_random_fill_and_budget_checks_equal_single_device(sharded):
     labeled = np.zeros(30, bool)
     labeled[[0, 29]] = True
     with sharded([x[:13], x[13:]]) as sh:
-        a, b = sh.kcenter_greedy(labeled, 15, seed=5), kcenter_greedy(x, labeled, 15, seed=5)
+        a, b = kcenter_greedy(sh, labeled, 15, seed=5), kcenter_greedy(x, labeled, 15, seed=5)
         assert_same(a, b)
         assert a.n_random_fill == 11
-        assert_same(sh.kmeanspp(labeled, 15, 5), kmeanspp(x, labeled, 15, 5))
+        assert_same(kmeanspp(sh, labeled, 15, seed=5), kmeanspp(x, labeled, 15, seed=5))
         with pytest.raises(ValueError, match="budget must be a positive integer"):
-            sh.kcenter_greedy(labeled, 0)
+            kcenter_greedy(sh, labeled, 0)
         with pytest.warns(UserWarning, match="budget 40 >= the 28 unlabeled rows"):
-            got = sh.kmeanspp(labeled, 40, 0)
+            got = kmeanspp(sh, labeled, 40, seed=0)
         assert sorted(got.indices) == np.flatnonzero(~labeled).tolist()
         with pytest.raises(ValueError, match=r"labeled_mask must be a boolean array of shape \(30,\)"):
-            sh.kcenter_greedy(labeled[:20], 3)
+            kcenter_greedy(sh, labeled[:20], 3)
 
 
 def test_sharded_selection_rejects_nonfinite_rows_by_global_index(sharded):
