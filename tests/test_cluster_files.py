@@ -20,7 +20,7 @@ def _gpu_limits(pod_template: dict) -> list[str]:
 
 
 def test_raycluster_has_head_and_gpu_workers_on_shared_storage():
-    doc = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())
+    doc = next(yaml.safe_load_all((CLUSTER / "raycluster.yaml").read_text()))
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
     spec = doc["spec"]
     head = spec["headGroupSpec"]["template"]
@@ -34,7 +34,7 @@ def test_raycluster_has_head_and_gpu_workers_on_shared_storage():
 
 
 def test_rayjob_entrypoint_is_a_valid_alges_run_with_a_shipped_config():
-    doc = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    doc = next(yaml.safe_load_all((CLUSTER / "rayjob.yaml").read_text()))
     assert doc["kind"] == "RayJob"
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:2] == ["alges", "run"]
