@@ -19,6 +19,19 @@ from alges_dist.strategies import STRATEGIES
 STRATEGY_NAMES = tuple(STRATEGIES)
 
 
+# Keys a resumed run may change: resources and placement (results do not depend on them),
+# the pool's path (its content is fingerprinted instead), and the experiment's extent (more
+# rounds, seeds or strategies add runs beside the finished ones). Every other key changes
+# results, and a run folder refuses a rerun that differs in one (run_folder.check_settings).
+RESUMABLE_KEYS = frozenset({
+    "data.pool", "data.demo_cache",
+    "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every",
+    "scoring.batch_size", "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
+    "selection.device", "selection.backend", "selection.shards",
+    "loop.strategies", "loop.seeds", "loop.n_rounds",
+})
+
+
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the dotted key."""
 
@@ -88,6 +101,8 @@ class ScoringConfig(_Section):
     batch_size: int = Field(16, ge=1)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor (also its torch threads).")
+    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per scorer actor where GPUs are used "
+                                  "(0.5: two actors share one GPU).")
     feature_grid: int = Field(1, ge=1)
     projection_dim: int | None = Field(None, ge=1, description="Random projection of alges_img (JL); null = off.")
     projection_seed: int = 0
@@ -96,18 +111,25 @@ class ScoringConfig(_Section):
 
 
 class SelectionConfig(_Section):
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description='Where the selection task keeps the embeddings: "auto", "cpu", "cuda", "cuda:N".')
     backend: Literal["auto", "faiss", "torch"] = "auto"
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    shards: int | Literal["auto"] = Field(
+        "auto", description='"auto": one device when the column fits its memory with headroom, else enough '
+        "actors (one GPU each) to hold a slice each; N: that many actors.")
+    min_gap_s: float = Field(
+        0.0, ge=0, description="No two picks of one batch from one video closer in time than this (labeled "
+        "frames count too); applies to video rows (#t= URIs) under every strategy. 0 = off.")
     kmeanspp_local_trials: int | Literal["auto"] | None = Field(
         None, description='null: plain D^2 sampling (paper, BADGE); "auto": scikit-learn\'s 2 + log(budget) trials.'
     )
 
-    @field_validator("kmeanspp_local_trials")
+    @field_validator("kmeanspp_local_trials", "shards")
     @classmethod
-    def _positive_trials(cls, v: int | str | None) -> int | str | None:
+    def _positive_count(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"must be >= 1, null or 'auto', got {v}")
+            raise ValueError(f"must be >= 1 or 'auto', got {v}")
         return v
 
 
@@ -130,7 +152,21 @@ class LoopConfig(_Section):
             raise ValueError(f"unknown strategies {unknown}; valid: {list(STRATEGY_NAMES)}")
         if not v:
             raise ValueError("at least one strategy is needed")
-        return v
+        return _no_repeats(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one seed is needed")
+        return _no_repeats(v)
+
+
+def _no_repeats(values: list[Any]) -> list[Any]:
+    repeated = sorted({str(x) for x in values if values.count(x) > 1})
+    if repeated:
+        raise ValueError(f"{repeated} appear more than once; list each once")
+    return values
 
 
 class Config(_Section):
@@ -140,6 +176,23 @@ class Config(_Section):
     scoring: ScoringConfig = ScoringConfig()
     selection: SelectionConfig = SelectionConfig()
     loop: LoopConfig = LoopConfig()
+
+    def check_resources(self, resources: dict[str, float], *, use_gpu: bool) -> None:
+        """Refuse what the Ray cluster can never schedule (Ray Train and Ray Data would wait forever)."""
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        t, s = self.train, self.scoring
+        if t.num_workers * t.cpus_per_worker > cpus:
+            raise ConfigError(f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker} "
+                              f"needs {t.num_workers * t.cpus_per_worker} CPUs; the Ray cluster has {cpus:g}")
+        if use_gpu and t.num_workers > gpus:
+            raise ConfigError(f"train.num_workers={t.num_workers} with GPUs needs {t.num_workers} GPUs; "
+                              f"the Ray cluster has {gpus:g} (or set train.use_gpu: false)")
+        if use_gpu and s.num_actors * s.gpus_per_actor > gpus:
+            raise ConfigError(f"scoring.num_actors={s.num_actors} x scoring.gpus_per_actor={s.gpus_per_actor:g} "
+                              f"needs {s.num_actors * s.gpus_per_actor:g} GPUs; the Ray cluster has {gpus:g}")
+        if s.num_actors * s.cpus_per_actor > cpus:
+            raise ConfigError(f"scoring.num_actors={s.num_actors} x scoring.cpus_per_actor={s.cpus_per_actor:g} "
+                              f"needs {s.num_actors * s.cpus_per_actor:g} CPUs; the Ray cluster has {cpus:g}")
 
     def check_pool(self, n_pool: int, n_classes: int, source: str) -> None:
         """Check the values that depend on the pool, before any work starts."""
@@ -179,7 +232,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -190,7 +247,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
         source = str(path)

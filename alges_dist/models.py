@@ -91,7 +91,7 @@ def build_model(
 def load_model(arch: str, encoder: str, classes: int, weights: str | Path) -> nn.Module:
     """build_model with no pretrained download, then the state dict saved at ``weights`` (on CPU)."""
     model = build_model(arch, encoder, classes, encoder_weights=None)
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model
 
 

@@ -101,7 +101,7 @@ def child_in_process(args) -> dict:
     table, _ = read_manifest(args.manifest)
     uris = table.filter(pc.equal(table["split"], "pool"))["image_uri"].to_pylist()
     model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes)
-    model.load_state_dict(torch.load(args.checkpoint))
+    model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     with PeakRSS() as rss:
         start = time.perf_counter()
         for i in range(0, len(uris), args.batch):

@@ -43,7 +43,7 @@ def raw_columns(**overrides) -> dict[str, list]:
         "video_id": ["v"] * 4,
         "frame_index": [0, 1, 2, 3],
         "image_uri": ["/i/a", "/i/b", "/i/c", "/i/d"],
-        "mask_uri": [None] * 4,
+        "mask_uri": [None, "/m/b", None, None],
         "split": ["pool", "pool", "val", "test"],
         "labeled_round": [None, 0, None, None],
     }

@@ -32,7 +32,7 @@ def checkpoint(tmp_path):
 
 def _in_process(cfg, checkpoint, uris):
     model = build_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes)
-    model.load_state_dict(torch.load(checkpoint))
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
     images = normalize_images(np.stack([load_image(u, tuple(cfg.data.image_size)) for u in uris]))
     out = score_batch(model, images, feature_grid=cfg.scoring.feature_grid,
                       projection_dim=cfg.scoring.projection_dim, projection_seed=cfg.scoring.projection_seed)

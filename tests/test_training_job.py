@@ -39,17 +39,17 @@ def test_ddp_training_reports_val_dice_and_checkpoints(ray_local, labeled_manife
     for h in result.history:
         assert 0.0 <= h["val_dice"] <= 1.0 and 0.0 <= h["val_miou"] <= 1.0
         assert h["train_loss"] > 0 and h["resumed_from_epoch"] == 0
-    trained = torch.load(result.model_path)
-    assert _state_distance(trained, torch.load(init)) > 0  # the weights moved
+    trained = torch.load(result.model_path, weights_only=True)
+    assert _state_distance(trained, torch.load(init, weights_only=True)) > 0  # the weights moved
     assert (tmp_path / "r0" / "train.json").exists()
     assert not (tmp_path / "r0" / "ray_train").exists()  # Ray's copies cleaned up
 
 
 def test_initial_weights_are_seeded_and_written_once(tmp_path):
     cfg = _cfg()
-    a = torch.load(initial_weights(cfg, tmp_path / "a.pt", seed=3))
-    b = torch.load(initial_weights(cfg, tmp_path / "b.pt", seed=3))
-    c = torch.load(initial_weights(cfg, tmp_path / "c.pt", seed=4))
+    a = torch.load(initial_weights(cfg, tmp_path / "a.pt", seed=3), weights_only=True)
+    b = torch.load(initial_weights(cfg, tmp_path / "b.pt", seed=3), weights_only=True)
+    c = torch.load(initial_weights(cfg, tmp_path / "c.pt", seed=4), weights_only=True)
     assert _state_distance(a, b) == 0 and _state_distance(a, c) > 0
     before = (tmp_path / "a.pt").stat().st_mtime_ns
     initial_weights(cfg, tmp_path / "a.pt", seed=99)

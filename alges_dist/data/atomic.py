@@ -52,6 +52,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     removing the temporary file.
     """
     target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder; give the path of a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target)
     # O_EXCL: never reuse a stranger's file; 0o666 & ~umask like a plain open() (mkstemp

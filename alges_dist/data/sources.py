@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import yaml
 
@@ -263,6 +264,8 @@ def ingest_folder(
     mask_uris = [str(mask_files[s].resolve()) if mask_files[s] is not None else None for s in stems]
     log.info("ingest %s: %d frames, %d videos; decoding every frame", images, len(stems), len(set(video_of.values())))
     validate_frames(image_uris, mask_uris, encoding)
+    if encoding is BINARY_ENCODING and masks is not None:
+        check_default_map_keeps_labels([m for m in mask_uris if m is not None])
     table = make_manifest(
         frame_ids=stems,
         video_ids=[video_of[s] for s in stems],
@@ -273,6 +276,28 @@ def ingest_folder(
     )
     write_manifest(table, out, encoding)
     return table
+
+
+def check_default_map_keeps_labels(mask_paths: Sequence[str]) -> None:
+    """The default map (> 127 is class 1) turns 0/1 or 0..K class-id masks into all background,
+    silently. Raise when no mask has a value above 127 although the values vary, naming a
+    ``--class-map`` that reads them as class ids."""
+    from PIL import Image
+
+    values: set[int] = set()
+    for path in mask_paths:
+        with Image.open(path) as image:
+            grey = np.asarray(image.convert("L")) if image.mode not in ("L", "P") else np.asarray(image)
+        found = np.unique(grey)
+        if found.max(initial=0) > BINARY_ENCODING.threshold:
+            return  # some pixel is class 1: the default map is the right reading
+        values.update(int(v) for v in found)
+    if len(values) > 1:
+        suggestion = ",".join(f"{v}:{i}" for i, v in enumerate(sorted(values)))
+        raise ValueError(
+            f"every mask in {Path(mask_paths[0]).parent} decodes to class 0 with the default map (> 127 is "
+            f"class 1), but the masks hold the values {sorted(values)}: they look like class-id masks. "
+            f"Give their map, e.g. --class-map '{suggestion}'")
 
 
 def _compile_video_pattern(video_pattern: str) -> re.Pattern[str]:
