@@ -8,8 +8,12 @@ runtime; with it (``ray job submit`` sets it) the same command runs on the clust
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("alges_dist")
@@ -31,7 +35,16 @@ def _add_round_args(p: argparse.ArgumentParser, *, default_out: str | None = Non
     p.add_argument("--pool", help='pool manifest (overrides data.pool; "demo" = generated pool)')
     p.add_argument("--out", type=Path, required=default_out is None, default=default_out,
                    help="run folder; holds every stage's output and results.csv")
-    p.add_argument("--no-dashboard", action="store_true", help="local mode: do not start the Ray dashboard")
+    p.add_argument("--num-cpus", type=int, metavar="N",
+                   help="local mode: CPUs this command's Ray instance uses (default: all); run several "
+                   "experiments side by side with a share each")
+    p.add_argument("--dashboard", action="store_true", help="local mode: start the Ray dashboard (127.0.0.1)")
+    p.add_argument("--no-dashboard", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
+    p.add_argument("--keep-ray-logs", action="store_true",
+                   help="local mode: keep the Ray instance's session folder (logs) after the command")
+    p.add_argument("--force-config", action="store_true",
+                   help="resume a run folder with settings that differ from the ones it was made with "
+                   "(the change is recorded in run.log and record.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _label(args: argparse.Namespace) -> int:
     from alges_dist.config import load_config
     from alges_dist.loop import Experiment, resolve_pool
+    from alges_dist.run_folder import RunFolderLock
 
-    cfg = load_config(args.out / "config.yaml")
-    r = Experiment(cfg, args.out, resolve_pool(cfg)).import_labels(args.strategy, args.seed, args.masks)
+    if not (args.out / "config.yaml").is_file():
+        raise FileNotFoundError(f"{args.out} is not a run folder: config.yaml is missing")
+    with RunFolderLock(args.out, " ".join(args.argv)):
+        _log_to(args.out, args.argv)
+        cfg = load_config(args.out / "config.yaml")
+        r = Experiment(cfg, args.out, resolve_pool(cfg)).import_labels(args.strategy, args.seed, args.masks)
     print(f"labeled round {r + 1} of {args.strategy}/seed {args.seed}; rerun `alges run` to continue")
     return 0
 
@@ -118,6 +136,7 @@ def _log_to(run: Path, argv: list[str]) -> None:
     run.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
     log.addHandler(handler)
     log.info("alges %s", " ".join(argv))
 
@@ -145,62 +164,126 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _rounds(args: argparse.Namespace) -> int:
     from alges_dist.config import load_config
-    from alges_dist.distributed.runtime import init_ray
+    from alges_dist.console import Console, native_stderr_to, quiet_ray_data
+    from alges_dist.distributed.runtime import RaySession, raise_on_signals
     from alges_dist.loop import Experiment, WaitingForLabels, resolve_pool
     from alges_dist.report import format_results, write_report
-    from tqdm import tqdm
+    from alges_dist.run_folder import RunFolderLock
 
     # --pool is an override like any other, so RUN/config.yaml records the pool used
     pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else Path(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
     pool = resolve_pool(cfg)
-    exp = Experiment(cfg, args.out, pool)  # validates config against the pool first
-    _log_to(args.out, args.argv)
-    init_ray(dashboard=not args.no_dashboard)
+    if cfg.data.pool == "demo":  # the generated pool's path, so the run folder says which file it used
+        cfg = load_config(args.config, [*args.overrides, f"data.pool={pool.resolve()}"])
+    if args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; give a folder for the run")
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
     runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
-    # one tick per finished round; epochs (Ray Train workers) and scoring (Ray Data) have their own bars
-    total = len(runs) * (cfg.loop.n_rounds + 1 if rounds is None else 1)
-    with tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True) as bar:
-        def on_stage(stage: str, strategy: str, seed: int, r: int) -> None:
-            bar.set_postfix_str(f"{strategy} seed {seed} round {r}: {stage} done")
-            if stage == exp.stages(r)[-1]:
-                bar.update(1)
+    with RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
+        import ray
 
-        try:
-            for strategy, seed in runs:
-                exp.advance(strategy, seed, rounds=rounds, until=until, on_stage=on_stage)
-        except WaitingForLabels as waiting:
-            print(waiting)
-            return 3
-    print(format_results(args.out / "results.csv"))
-    if args.command in ("run", "demo"):
-        print(f"report: {write_report(args.out)}")
+        args.driver_node_id = ray.get_runtime_context().get_node_id()
+        if threading.current_thread() is threading.main_thread():
+            raise_on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own (it aborts)
+        exp = Experiment(cfg, args.out, pool)
+        exp.check()  # the pool and the config against it and the cluster, before the folder is touched
+        with RunFolderLock(args.out, " ".join(args.argv)), contextlib.ExitStack() as stack:
+            _log_to(args.out, args.argv)
+            log.info("%s", session.description)
+            exp.prepare(force_config=args.force_config)
+            console = Console(len(runs) * (cfg.loop.n_rounds + 1 if rounds is None else 1))
+            args.console = console
+            quiet_ray_data(console.tty)
+            if session.owned:  # this process is the command's own: Ray's native lines go to a log file
+                stack.enter_context(native_stderr_to(args.out / "ray-driver.log"))
+
+            def on_stage(event: str, stage: str, strategy: str, seed: int, r: int, info: dict) -> None:
+                console.stage(event, stage, strategy, seed, r, info)
+                if event == "done" and stage == exp.stages(r)[-1]:
+                    console.round_done()
+
+            exp.on_stage, exp.on_progress = on_stage, console.progress
+            try:
+                for strategy, seed in runs:
+                    exp.advance(strategy, seed, rounds=rounds, until=until)
+            except WaitingForLabels as waiting:
+                console.close()
+                print(waiting)
+                return 3
+            finally:
+                console.close()
+            print(format_results(exp.results_path))
+            if args.command in ("run", "demo"):
+                print(f"report: {write_report(args.out)}")
     return 0
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
+
+
+def _record_command(args: argparse.Namespace, code: int, started: float) -> None:
+    """RUN/commands.jsonl: the command, where its driver ran, its exit status, seconds and peak RSS."""
+    import resource
+
+    from alges_dist.run_folder import append_command
+
+    out = getattr(args, "out", None) if args.command != "ingest" else None
+    if out is None or not (Path(out) / "config.yaml").exists():
+        return
+    append_command(out, {"argv": args.argv, "exit": code, "seconds": round(time.time() - started, 2),
+                         "driver_node_id": getattr(args, "driver_node_id", ""), "driver_pid": os.getpid(),
+                         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"  # a full disk, a folder given for a file, ...
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in RUN/run.log
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # The console gets warnings (everything with -v); run.log gets the whole story (_log_to).
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:  # the level is the handler's: records propagate past levels
+        handler.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    log.setLevel(logging.DEBUG)
+    from alges_dist.distributed.runtime import raise_on_signals
+    from alges_dist.distributed.scoring_job import StageFailed
+    from alges_dist.run_folder import RunFolderBusy
+
+    if threading.current_thread() is threading.main_thread():
+        raise_on_signals()  # SIGTERM (a scheduler stopping the job) ends the command like Ctrl-C
+    started, code = time.time(), 1
     try:
         handler = {"ingest": _ingest, "label": _label, "report": _report}.get(args.command, _rounds)
-        return handler(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        # Bad input: one clear line, not a traceback (-v shows the traceback).
+        code = handler(args)
+        return code
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: Ray is shut down on the way out
+        console = getattr(args, "console", None)
+        where = console.where if console is not None else "start-up"
+        cause = f" ({stop})" if str(stop) else ""
+        print(f"alges {args.command}: interrupted{cause} during {where}; nothing half-written counts as done: "
+              f"rerun the same command to resume", file=sys.stderr)
+        log.warning("interrupted%s during %s", cause, where)
+        code = 130
+        return code
+    except (*EXPECTED_ERRORS, StageFailed, RunFolderBusy) as exc:
+        # Bad input or a failed check: one clear line, not a traceback (-v shows the traceback).
         if args.verbose:
             raise
-        print(f"alges {args.command}: error: {exc}", file=sys.stderr)
-        log.error("alges %s: %s", args.command, exc)
-        return 2
+        print(f"alges {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        log.debug("alges %s failed: %s", args.command, exc, exc_info=True)  # run.log keeps the traceback
+        code = 2
+        return code
     finally:
+        _record_command(args, code, started)
         for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
             log.removeHandler(handler)
             handler.close()

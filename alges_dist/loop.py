@@ -1,43 +1,43 @@
 """Active-learning rounds: train -> evaluate -> score -> select -> label, resumable.
 
-Orchestration only: the run folder's layout and writers are ``run_folder``, the
-strategy table ``strategies``, the hand-off to people ``handoff``; every heavy stage is
-a Ray job of ``distributed``. Outputs are written atomically, so ``alges run`` after a
-crash resumes from the last completed stage and never re-selects or re-labels.
+Orchestration only. The run folder's layout and writers are ``run_folder``, the strategy
+table ``strategies``, the hand-off to people ``handoff``; every stage that touches the
+pool's rows, a model or the embeddings runs on Ray workers (``distributed``): Ray Train
+for fits, Ray Data for scoring, Ray tasks for evaluation, selection and manifest steps.
+The driver holds ids of one query batch at most, never an N x d matrix, and needs no CUDA.
+
+A stage counts as done when its output exists, and each output is written last, after its
+checks (atomic files; the score shards' ``scores.json`` marker after the rename), so
+``alges run`` after a crash resumes from the last completed stage and never re-selects or
+re-labels.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 import yaml
 
-from alges_dist.config import Config
+from alges_dist.config import RESUMABLE_KEYS, Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
-from alges_dist.data.frames import FrameDataset
-from alges_dist.data.manifest import Manifest, filter_manifest, mark_labeled, read_manifest, write_manifest
+from alges_dist.data.manifest import read_manifest
+from alges_dist.data.rounds import count_labeled, draw_initial_set, label_frames, labeled_in_round, pool_summary
 from alges_dist.distributed.runtime import cluster_has_gpus
-from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, score_pool
-from alges_dist.distributed.training import initial_weights, train_model
-from alges_dist.evaluation import evaluate
-from alges_dist.models import load_model
+from alges_dist.distributed.tasks import on_worker
 from alges_dist.handoff import collect_masks, write_batch
-from alges_dist.run_folder import RunLayout, package_versions
-from alges_dist.selection import select
+from alges_dist.run_folder import RunLayout, check_settings, fingerprint, forced_changes, package_versions
 from alges_dist.strategies import get_strategy, score_column
 
 log = logging.getLogger(__name__)
-
 
 STAGES = ("train", "evaluate", "score", "select", "label")
 
@@ -59,31 +59,59 @@ def _round_seed(seed: int, round_index: int) -> int:
 
 
 class Experiment(RunLayout):
-    """One run folder: its config, pool and the (strategy, seed) runs inside it."""
+    """One run folder: its config, pool and the (strategy, seed) runs inside it.
+
+    ``check`` validates the pool against the config on a worker; ``prepare`` records the
+    settings on a new folder (or refuses other settings on an existing one). Both run
+    before any stage. on_stage(event, stage, strategy, seed, r, info) is told of each
+    stage's "start" and "done" (info: its outputs' summary), on_progress of a fit's epochs.
+    """
 
     def __init__(self, cfg: Config, out: Path, pool: Path, *, use_gpu: bool | None = None):
         super().__init__(out)
         self.cfg, self.pool = cfg, Path(pool)
-        pool_manifest = read_manifest(self.pool)
-        n_pool = filter_manifest(pool_manifest.table, split="pool").num_rows
-        cfg.check_pool(n_pool, pool_manifest.encoding.n_classes, str(self.pool))
         self._use_gpu = use_gpu
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.selection.device == "auto" else cfg.selection.device
-        )
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        log.info(
-            "experiment %s: pool %s (%d pool frames, %d classes), strategies %s, seeds %s, %d rounds of %d",
-            self.out, self.pool, n_pool, pool_manifest.encoding.n_classes, cfg.loop.strategies, cfg.loop.seeds,
-            cfg.loop.n_rounds, cfg.loop.budget,
-        )
+        self.summary: dict[str, Any] | None = None
+        self.on_stage: Callable[..., None] | None = None
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def cfg_dict(self) -> dict[str, Any]:
+        return self.cfg.model_dump(mode="json")
 
     @property
     def use_gpu(self) -> bool:
         if self._use_gpu is None:  # asked of Ray on first use: validation runs before Ray starts
             self._use_gpu = cluster_has_gpus() if self.cfg.train.use_gpu == "auto" else bool(self.cfg.train.use_gpu)
         return self._use_gpu
+
+    def check(self) -> dict[str, Any]:
+        """Validate the pool (rows, URIs, masks the run needs) and the config against it and
+        the cluster; runs on a worker: the driver never reads the pool's rows."""
+        import ray
+
+        cfg = self.cfg
+        self.summary, _ = on_worker(pool_summary, str(self.pool.resolve()),
+                                    needs_pool_masks=cfg.loop.oracle == "simulated")
+        cfg.check_pool(self.summary["n_pool"], self.summary["n_classes"], str(self.pool))
+        cfg.check_resources(ray.cluster_resources(), use_gpu=self.use_gpu)
+        log.info("experiment %s: pool %s (%d pool frames, %d labeled, %d test, %d classes), strategies %s, "
+                 "seeds %s, %d rounds of %d, gpu=%s", self.out, self.pool, self.summary["n_pool"],
+                 self.summary["n_labeled"], self.summary["n_test"], self.summary["n_classes"], cfg.loop.strategies,
+                 cfg.loop.seeds, cfg.loop.n_rounds, cfg.loop.budget, self.use_gpu)
+        return self.summary
+
+    def prepare(self, *, force_config: bool = False) -> list[str]:
+        """Record the run's settings (config.yaml, fingerprint.json) or, resuming, refuse other
+        settings unless ``force_config``; returns the accepted changes (logged to run.log)."""
+        if self.summary is None:
+            self.check()
+        new = fingerprint(self.cfg_dict, self.summary["sha256"], ignore=RESUMABLE_KEYS)
+        changes = check_settings(self, new, force=force_config)
+        for change in changes:
+            log.warning("--force-config: %s", change)
+        atomic_write_text(self.config_path, yaml.safe_dump(self.cfg_dict, sort_keys=False))
+        return changes
 
     # ---- state -------------------------------------------------------------------
     def initial_manifest(self) -> Path:
@@ -94,131 +122,122 @@ class Experiment(RunLayout):
         frames keeps them as the initial set.
         """
         path = self.initial_manifest_path
-        if path.exists():
-            return path
-        table, encoding = read_manifest(self.pool)
-        if filter_manifest(table, split="pool", labeled=True).num_rows == 0:
-            ids = filter_manifest(table, split="pool", labeled=False)["frame_id"].to_numpy(zero_copy_only=False)
-            picks = select("random", np.zeros(len(ids), bool), self.cfg.loop.initial_labeled,
-                           seed=_round_seed(self.cfg.loop.initial_seed, -1))
-            table = mark_labeled(table, ids[picks.indices].tolist(), 0)
-        write_manifest(table, path, encoding)
+        if not path.exists():
+            on_worker(draw_initial_set, str(self.pool.resolve()), str(path.resolve()), self.cfg.loop.initial_labeled,
+                      _round_seed(self.cfg.loop.initial_seed, -1))
         return path
 
-    def manifest(self, strategy: str, seed: int) -> Manifest:
+    def manifest_file(self, strategy: str, seed: int) -> Path:
+        """This run's manifest, a copy of the initial one on first use."""
         path = self.manifest_path(strategy, seed)
         if not path.exists():
-            table, encoding = read_manifest(self.initial_manifest())
-            write_manifest(table, path, encoding)
-        return read_manifest(path)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(self.initial_manifest(), tmp)
+        return path
 
     def stage_done(self, stage: str, strategy: str, seed: int, r: int) -> bool:
         if stage == "train":
             return self.model_path(strategy, seed, r).exists()
         if stage == "evaluate":
             return self.eval_path(strategy, seed, r).exists()
-        if stage == "score":
-            return get_strategy(strategy).score is None or self.scores_dir(strategy, seed, r).exists()
+        if stage == "score":  # the marker is written after the shards passed their checks
+            return get_strategy(strategy).score is None or (self.model_dir(strategy, seed, r) / "scores.json").exists()
         if stage == "select":
             return self.selection_path(strategy, seed, r).exists()
         if stage == "label":
-            table = self.manifest(strategy, seed).table
-            return pc.any(pc.equal(table["labeled_round"], r + 1)).as_py() is True
+            return labeled_in_round(self.manifest_file(strategy, seed), r + 1)
         raise KeyError(f"unknown stage {stage!r}; valid: {STAGES}")
 
     def stages(self, r: int) -> tuple[str, ...]:
         return STAGES[:2] if r == self.cfg.loop.n_rounds else STAGES
 
+    def _labels_of(self, strategy: str, seed: int, r: int) -> Path:
+        # Round 0's model and labels are every strategy's: trained, evaluated and scored once.
+        return self.initial_manifest() if r == 0 else self.manifest_file(strategy, seed)
+
     # ---- stages ------------------------------------------------------------------
-    def train(self, strategy: str, seed: int, r: int) -> None:
+    def train(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
+        from alges_dist.distributed.training import initial_weights, train_model
+
         cfg = self.cfg
-        init = initial_weights(cfg, self.init_weights_path(seed), seed=cfg.train.seed + seed)
+        init = self.init_weights_path(seed)
+        if not init.exists():
+            on_worker(initial_weights, self.cfg_dict, str(init.resolve()), cfg.train.seed + seed)
         if cfg.train.init == "finetune" and r > 0:
-            init = self.model_dir(strategy, seed, r - 1) / "model.pt"
-        manifest = self.initial_manifest() if r == 0 else self.manifest_path(strategy, seed)
-        train_model(cfg, manifest, init_weights=init, out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu)
+            init = self.model_path(strategy, seed, r - 1)
+        result = train_model(cfg, self._labels_of(strategy, seed, r), init_weights=init,
+                             out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu,
+                             on_progress=self.on_progress)
+        last = result.history[-1] if result.history else {}
+        return {"where": result.where, "seconds": result.seconds,
+                **{k: last[k] for k in ("train_loss", "val_dice") if k in last}}
 
-    def load_model(self, strategy: str, seed: int, r: int) -> torch.nn.Module:
-        cfg = self.cfg
-        model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes,
-                           self.model_path(strategy, seed, r))
-        return model.to(self.device)
+    def evaluate(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
+        from alges_dist.distributed.evaluation_job import evaluate_checkpoint
 
-    def evaluate(self, strategy: str, seed: int, r: int) -> None:
-        table, encoding = read_manifest(self.pool)
-        test = filter_manifest(table, split="test")
-        loader = torch.utils.data.DataLoader(
-            FrameDataset(test, encoding, tuple(self.cfg.data.image_size), self.cfg.data.normalize), batch_size=self.cfg.scoring.batch_size
-        )
-        scores = evaluate(
-            self.load_model(strategy, seed, r), loader, n_classes=self.cfg.data.n_classes,
-            dice_classes=self.cfg.data.dice_classes, ignore_index=encoding.ignore_index, device=self.device,
-        )
-        atomic_write_text(self.eval_path(strategy, seed, r), json.dumps(scores, indent=1))
+        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.pool.resolve()),
+                                  str(self.model_path(strategy, seed, r).resolve()), gpu=self.use_gpu,
+                                  cpus=self.cfg.scoring.cpus_per_actor)
+        atomic_write_text(self.eval_path(strategy, seed, r), json.dumps({**scores, "where": where.as_dict()}, indent=1))
+        return {"dice": scores["dice"], "miou": scores["miou"], "where": where.as_dict()}
 
-    def score(self, strategy: str, seed: int, r: int) -> None:
-        # Round 0's model and labels are every strategy's: its scores are shared too.
-        manifest = self.initial_manifest() if r == 0 else self.manifest_path(strategy, seed)
-        score_pool(self.cfg, manifest, self.model_path(strategy, seed, r), self.model_dir(strategy, seed, r),
-                   use_gpu=self.use_gpu)
+    def score(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
+        from alges_dist.distributed.scoring_job import score_pool
 
-    def select(self, strategy: str, seed: int, r: int) -> None:
-        spec, cfg = get_strategy(strategy), self.cfg
-        table = self.manifest(strategy, seed).table
-        labeled_ids = filter_manifest(table, split="pool", labeled=True)["frame_id"]
-        if spec.score is None:
-            candidates = filter_manifest(table, split="pool", labeled=False).select(["frame_id"])
-        else:
-            scores = read_scores(self.scores_dir(strategy, seed, r))
-            candidates = scores.filter(pc.is_null(scores["error"]))  # undecodable frames are never picked
-        ids = candidates["frame_id"].to_numpy(zero_copy_only=False)
-        labeled = pc.is_in(candidates["frame_id"], value_set=labeled_ids.combine_chunks()).to_numpy(zero_copy_only=False)
-        if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
-            candidates, ids, labeled = candidates.filter(pa.array(~labeled)), ids[~labeled], labeled[~labeled]
-        column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
-        values = embedding_matrix(candidates, column) if column else None
-        picked = select(
-            spec.rule, labeled, cfg.loop.budget,
-            x=values if spec.rule in ("kcenter", "kmeans++") else None,
-            score=values[:, 0] if spec.rule == "top-k" else None,
-            largest=spec.largest, seed=_round_seed(seed, r),
-            **self._method_options(spec.rule),
-        )
+        result = score_pool(self.cfg, self._labels_of(strategy, seed, r), self.model_path(strategy, seed, r),
+                            self.model_dir(strategy, seed, r), use_gpu=self.use_gpu)
+        return {"n_scored": result.n_scored, "n_errors": result.n_errors, "workers": result.workers,
+                "seconds": result.seconds}
+
+    def select(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
+        """Pick the batch on a worker (one GPU when the run uses GPUs; sharded over actors when
+        ``selection.shards`` says so) and write ``selection.parquet`` (the commit, last)."""
+        from alges_dist.distributed.selection_task import pick_batch
+
+        column = score_column(strategy, projection_dim=self.cfg.scoring.projection_dim)
+        scores = str(self.scores_dir(strategy, seed, r).resolve()) if column else None
+        n_shards = self._selection_shards(scores, column)
+        gpu = self.use_gpu and n_shards == 1 and column is not None and self.cfg.selection.device != "cpu"
+        picked, where = on_worker(pick_batch, self.cfg_dict, strategy, str(self.manifest_file(strategy, seed).resolve()),
+                                  scores, seed=_round_seed(seed, r), n_shards=n_shards, gpu=gpu)
+        info = {k: v for k, v in picked.items() if k not in ("frame_id", "value")} | {"where": where.as_dict()}
+        atomic_write_text(self.round_dir(strategy, seed, r) / "selection.json", json.dumps(info, indent=1))
         out = pa.table({
-            "pick_rank": pa.array(np.arange(len(picked.indices)), pa.int32()),
-            "frame_id": pa.array(ids[picked.indices], pa.string()),
+            "pick_rank": pa.array(np.arange(len(picked["frame_id"])), pa.int32()),
+            "frame_id": pa.array(picked["frame_id"], pa.string()),
             # distance to the chosen set at pick time; for top-k, the score it ranked by
-            "value": pa.array(values[picked.indices, 0] if spec.rule == "top-k" else picked.radii, pa.float32()),
+            "value": pa.array(picked["value"], pa.float32()),
         })
         with atomic_path(self.selection_path(strategy, seed, r)) as tmp:
             pq.write_table(out, tmp)
+        return info
 
-    def _method_options(self, method: str) -> dict[str, Any]:
-        s = self.cfg.selection
-        if method == "kcenter":
-            return {"device": self.device, "backend": s.backend, "storage_dtype": getattr(torch, s.storage_dtype)}
-        if method == "kmeans++":
-            return {"device": self.device, "backend": s.backend, "storage_dtype": getattr(torch, s.storage_dtype),
-                    "local_trials": s.kmeanspp_local_trials}
-        return {}
+    def _selection_shards(self, scores: str | None, column: str | None) -> int:
+        """selection.shards, resolved: "auto" asks a worker of the selection's kind how much
+        memory its device has and compares it with the column's bytes (from the shard footers)."""
+        from alges_dist.distributed.selection_task import column_bytes, device_memory, shards_needed
 
-    def label(self, strategy: str, seed: int, r: int) -> None:
+        shards = self.cfg.selection.shards
+        if shards != "auto" or column is None:
+            return 1 if column is None else int(shards)
+        itemsize = 4 if self.cfg.selection.storage_dtype == "float32" else 2
+        memory, _ = on_worker(device_memory, gpu=self.use_gpu and self.cfg.selection.device != "cpu")
+        return shards_needed(column_bytes(scores, column, itemsize), memory["free"])
+
+    def label(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
-        manifest = self.manifest(strategy, seed)
+        manifest = self.manifest_file(strategy, seed)
         if self.cfg.loop.oracle == "human":
-            sheet = write_batch(self.round_dir(strategy, seed, r), picks, manifest)
+            sheet = write_batch(self.round_dir(strategy, seed, r), picks, read_manifest(manifest))
             raise WaitingForLabels(
                 f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation, listed in "
                 f"{sheet.with_suffix('.csv')} (contact sheet {sheet}). Save one mask per frame as "
                 f"FRAME_ID.png in a folder, then: alges label --out {self.out} --strategy {strategy} "
                 f"--seed {seed} --masks FOLDER, and rerun this command"
             )
-        rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
-        missing = rows.filter(pc.is_null(rows["mask_uri"]))["frame_id"].to_pylist()
-        if missing:
-            raise ValueError(f"simulated oracle: frames {missing[:5]} have no mask_uri in {self.pool}")
-        table = mark_labeled(manifest.table, picks, r + 1)
-        write_manifest(table, self.manifest_path(strategy, seed), manifest.encoding)
+        # simulated oracle: the pool's own masks (checked to exist before the run started)
+        n_labeled, _ = on_worker(label_frames, str(manifest.resolve()), picks, r + 1)
+        return {"n_labeled": n_labeled}
 
     def import_labels(self, strategy: str, seed: int, masks: Path) -> int:
         """Label the pending round's picks with people's masks (``masks/FRAME_ID.png``).
@@ -232,31 +251,26 @@ class Experiment(RunLayout):
             raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
         r = pending[0]
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
-        manifest = self.manifest(strategy, seed)
-        copies = collect_masks(picks, manifest, masks, self.round_dir(strategy, seed, r) / "labels")
-        table = manifest.table
-        new_uri = [copies.get(f, u) for f, u in zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist())]
-        table = table.set_column(table.schema.get_field_index("mask_uri"), table.schema.field("mask_uri"),
-                                 pa.array(new_uri, pa.string()))
-        write_manifest(mark_labeled(table, picks, r + 1), self.manifest_path(strategy, seed), manifest.encoding)
+        manifest = self.manifest_file(strategy, seed)
+        copies = collect_masks(picks, read_manifest(manifest), masks, self.round_dir(strategy, seed, r) / "labels")
+        label_frames(str(manifest), picks, r + 1, mask_uris=copies)
         return r
 
     # ---- driving -----------------------------------------------------------------
-    def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None,
-                on_stage: Callable[[str, str, int, int], None] | None = None) -> bool:
+    def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None) -> bool:
         """Run pending stages in order; stop after ``rounds`` completed rounds or stage ``until``.
 
         Returns True when this (strategy, seed) has finished every round.
         """
-        self.manifest(strategy, seed)  # create the run's manifest from the initial set
+        self.manifest_file(strategy, seed)  # create the run's manifest from the initial set
         completed = 0
         for r in range(self.cfg.loop.n_rounds + 1):
             pending = [s for s in self.stages(r) if not self.stage_done(s, strategy, seed, r)]
             for stage in pending:
                 log.info("%s seed %d round %d: %s", strategy, seed, r, stage)
-                getattr(self, stage)(strategy, seed, r)
-                if on_stage:
-                    on_stage(stage, strategy, seed, r)
+                self._notify("start", stage, strategy, seed, r, {})
+                info = getattr(self, stage)(strategy, seed, r)
+                self._notify("done", stage, strategy, seed, r, info)
                 if stage == until:
                     self.write_outputs()
                     return False
@@ -270,13 +284,25 @@ class Experiment(RunLayout):
         self.write_outputs()
         return True
 
+    def _notify(self, event: str, stage: str, strategy: str, seed: int, r: int, info: dict[str, Any]) -> None:
+        if self.on_stage is not None:
+            self.on_stage(event, stage, strategy, seed, r, info)
+
     def write_record(self, strategy: str, seed: int, r: int) -> None:
-        table = self.manifest(strategy, seed).table
-        n_labeled = pc.sum(pc.less_equal(table["labeled_round"], r)).as_py() or 0
+        """record.json of a finished round: results, where each stage ran, settings, versions."""
+        evaluation = json.loads(self.eval_path(strategy, seed, r).read_text())
+        stages = {"evaluate": {"where": evaluation.pop("where", None)}}
+        for stage, path in (("train", self.model_dir(strategy, seed, r) / "train.json"),
+                            ("score", self.model_dir(strategy, seed, r) / "scores.json"),
+                            ("select", self.round_dir(strategy, seed, r) / "selection.json")):
+            if path.exists():
+                d = json.loads(path.read_text())
+                stages[stage] = {"where": d.get("where") or d.get("workers"), "seconds": d.get("seconds")}
         record = {
-            "strategy": strategy, "seed": seed, "round": r, "n_labeled": n_labeled,
-            **json.loads(self.eval_path(strategy, seed, r).read_text()),
-            "config": self.cfg.model_dump(mode="json"),
+            "strategy": strategy, "seed": seed, "round": r,
+            "n_labeled": count_labeled(self.manifest_file(strategy, seed), up_to_round=r),
+            **evaluation, "stages": stages,
+            "config": self.cfg_dict, "forced_config_changes": forced_changes(self),
             "selection_seed": _round_seed(seed, r), "projection_seed": self.cfg.scoring.projection_seed,
             "versions": package_versions(),
         }

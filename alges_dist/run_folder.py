@@ -23,7 +23,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
+import shutil
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -143,4 +146,143 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    return out
+
+
+def append_command(out: Path, entry: dict[str, Any]) -> None:
+    """One line per command run on the folder (RUN/commands.jsonl): what ran, where, how it ended,
+    its seconds and the driver's peak memory. Appends are single small writes (O_APPEND)."""
+    line = json.dumps(entry, default=str) + "\n"
+    fd = os.open(Path(out) / "commands.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+# ---- one writer at a time -------------------------------------------------------------------
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunFolderLock:
+    """An exclusive OS lock (``flock``) on ``RUN/.lock`` for the life of one writing command.
+
+    The kernel releases it when the process dies, however it dies, so a crash never leaves
+    a stale lock. The holder writes its PID and command into the file; a second writer fails
+    at once naming them. Readers (``alges report``) take no lock. On taking the lock, crash
+    litter of earlier writers (temp siblings of atomic writes, unfinished score folders) is
+    removed: nobody else can be writing it.
+    """
+
+    def __init__(self, out: Path, command: str):
+        self.path, self.command, self._fd = Path(out) / ".lock", command, None
+
+    def __enter__(self) -> RunFolderLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunFolderBusy(
+                f"run folder {self.path.parent} is in use by pid {holder.get('pid', '?')} "
+                f"(`alges {holder.get('command', '?')}`, since {holder.get('since', '?')}); one command "
+                "writes a run folder at a time: wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": self.command,
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        remove_crash_litter(self.path.parent)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+LITTER_PATTERNS = (".*.tmp", ".scores-*", ".*.partial")
+
+
+def remove_crash_litter(out: Path) -> list[Path]:
+    """Remove what an interrupted writer left: ``.NAME.HEX.tmp`` files of atomic writes,
+    ``.scores-*`` folders of unfinished scoring jobs, ``.*.partial`` label imports."""
+    removed = []
+    for pattern in LITTER_PATTERNS:
+        for path in Path(out).rglob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ---- the settings a run folder was made with ---------------------------------------------------
+class SettingsChanged(ValueError):
+    """A resumed run folder was made with other settings or another pool."""
+
+
+def fingerprint(config: dict[str, Any], pool_sha256: str, *, ignore: frozenset[str]) -> dict[str, Any]:
+    """The resolved settings that change results (every config key but ``ignore``) and the
+    pool manifest's content hash."""
+    flat = {k: v for k, v in _flatten(config).items() if k not in ignore and k.split(".")[0] + ".*" not in ignore}
+    return {"config": flat, "pool_sha256": pool_sha256}
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints ("train.epochs: 4 -> 5")."""
+    out = [f"{k}: {old['config'].get(k, '(unset)')!r} -> {new['config'].get(k, '(unset)')!r}"
+           for k in sorted(set(old["config"]) | set(new["config"])) if old["config"].get(k) != new["config"].get(k)]
+    if old.get("pool_sha256") != new.get("pool_sha256"):
+        out.append(f"pool manifest content: sha256 {str(old.get('pool_sha256'))[:12]} -> "
+                   f"{str(new.get('pool_sha256'))[:12]}")
+    return out
+
+
+def check_settings(layout: RunLayout, new: dict[str, Any], *, force: bool) -> list[str]:
+    """Record the fingerprint on a new run folder; on an existing one refuse other settings
+    (naming them) unless ``force``, which records the change. Returns the changes accepted."""
+    path = layout.out / "fingerprint.json"
+    if not path.exists():
+        atomic_write_text(path, json.dumps({**new, "forced_changes": []}, indent=1, default=str))
+        return []
+    old = json.loads(path.read_text())
+    changes = settings_diff(old, new)
+    if changes and not force:
+        raise SettingsChanged(
+            f"{layout.out} was made with other settings; resuming would mix them: {'; '.join(changes)}. "
+            "Rerun with the original settings, use another --out, or pass --force-config to accept the change "
+            "(recorded in run.log and record.json)")
+    if changes:
+        history = old.get("forced_changes", []) + [{"at": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}]
+        atomic_write_text(path, json.dumps({**new, "forced_changes": history}, indent=1, default=str))
+    return changes
+
+
+def forced_changes(layout: RunLayout) -> list[dict[str, Any]]:
+    path = layout.out / "fingerprint.json"
+    return json.loads(path.read_text()).get("forced_changes", []) if path.exists() else []
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and name.count(".") < 1:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
     return out

@@ -1,20 +1,35 @@
-"""`ray start --head` on 127.0.0.1, `cluster/submit.sh` (ray job submit) of `alges round`, `ray stop`."""
+"""A two-node Ray cluster on this machine: a CPU head (the driver's node) and a "GPU" node.
+
+`ray start` brings up a head with no CPUs or GPUs (like the shipped clusters) and a second
+node that offers one GPU resource (no CUDA here: workers fall back to the CPU and log it),
+both with token auth. `cluster/submit.sh` (ray job submit, the token from ~/.ray) runs a
+small archive-like config with `train.use_gpu: true` and two scoring actors. The round's
+records must show training, scoring, evaluation and selection on the GPU node with a GPU
+assigned, and the driver's peak memory under a bound that does not depend on the pool.
+Both nodes are stopped by PID (never `ray stop`, which would end every Ray on the machine).
+"""
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
+
+from cli_runs import sets
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+DRIVER_RSS_BOUND_MB = 2048  # imports (torch, Ray, pyarrow) + orchestration; independent of the pool
 
 
 def _free_port() -> int:
@@ -23,37 +38,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_a_round_on_a_local_head(demo_manifest, tmp_path):
-    import ray
+def _stop_by_pid(temp_dir: Path) -> None:
+    """End every process of the cluster under temp_dir: its gcs/raylets/agents (their command
+    lines name the folder) and every worker of those raylets (RAY_RAYLET_PID)."""
+    mine = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    raylets = {str(p.pid) for p in mine}
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("RAY_RAYLET_PID") in raylets:
+                mine.append(p)
+        except psutil.Error:
+            continue
+    for p in mine:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
-    # `ray stop` ends every Ray process on the machine: release the test session's first.
-    if ray.is_initialized():
-        ray.shutdown()
+
+def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest, tmp_path):
     if not (BIN / "ray").exists():
         pytest.skip(f"no `ray` executable beside {sys.executable}")
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    dashboard = _free_port()
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-        check=True, env=env, timeout=180, capture_output=True,
-    )
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = _free_port(), _free_port()
+    start = [str(BIN / "ray"), "start", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     out = tmp_path / "run"
     try:
+        subprocess.run([*start, "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
+                       check=True, env=env, timeout=300, capture_output=True)
+        subprocess.run([*start, f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
+                       check=True, env=env, timeout=300, capture_output=True)
         res = subprocess.run(
             ["bash", "cluster/submit.sh", "--address", f"http://127.0.0.1:{dashboard}", "--",
-             "round", "--pool", str(demo_manifest), "--out", str(out),
-             "--set", "data.image_size=[64, 64]", "--set", "train.epochs=1", "--set", "loop.initial_labeled=4",
-             "--set", "loop.budget=3", "--set", "loop.strategies=[alges-sem]"],
-            cwd=REPO, env=env, timeout=900, capture_output=True, text=True,
+             "run", "--pool", str(demo_manifest), "--out", str(out),
+             *sets("data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "train.use_gpu=true",
+                   "scoring.num_actors=2", "scoring.gpus_per_actor=0.5", "scoring.batch_size=8",
+                   "selection.storage_dtype=bfloat16", "loop.initial_labeled=4", "loop.budget=3",
+                   "loop.n_rounds=1", "loop.strategies=[alges-img-kcenter]")],
+            cwd=REPO, env=env, timeout=1500, capture_output=True, text=True,
         )
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, timeout=120, capture_output=True)
+        _stop_by_pid(temp_dir)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
-    with open(out / "results.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [(r["strategy"], r["round"], r["n_labeled"]) for r in rows] == [("alges-sem", "0", "4")]
-    assert (out / "alges-sem" / "seed_0" / "round_00" / "selection.parquet").exists()
+
+    (command,) = [json.loads(line) for line in (out / "commands.jsonl").read_text().splitlines()]
+    driver_node = command["driver_node_id"]
+    assert driver_node and command["exit"] == 0
+    assert command["driver_peak_rss_mb"] < DRIVER_RSS_BOUND_MB
+    record = json.loads((out / "alges-img-kcenter" / "seed_0" / "round_00" / "record.json").read_text())
+    stages = record["stages"]
+    ran_on = {"train": stages["train"]["where"], "evaluate": stages["evaluate"]["where"],
+              "select": stages["select"]["where"]}
+    for stage, where in ran_on.items():
+        assert where["node_id"] != driver_node and where["gpu_ids"], (stage, where)
+        assert where["device"] == "cpu"  # a GPU resource without CUDA: the CPU fallback
+    workers = stages["score"]["where"]
+    assert len(workers) >= 1 and all(w.startswith(ran_on["train"]["node_id"]) and "/gpu" in w for w in workers)
+    assert len({w["node_id"] for w in ran_on.values()}) == 1  # the one GPU node
+    with open(out / "results.csv") as fh:
+        assert len(fh.read().splitlines()) == 3  # header + rounds 0 and 1

@@ -1,16 +1,37 @@
-"""Connect to Ray: a cluster when RAY_ADDRESS is set, else a local single-node runtime.
+"""Connect to Ray: a cluster when RAY_ADDRESS is set, else a local instance of this command's own.
 
-The same commands run on a laptop, in CI and on a cluster; only this function differs.
+The same commands run on a laptop, in CI and on a cluster; only this module differs.
+
+Local mode (no RAY_ADDRESS) starts a fresh instance (``address="local"``: never an
+instance another command started), bound to 127.0.0.1 with Ray's token auth on, and
+ends it when the command ends, however it ends: ``RaySession.__exit__`` shuts Ray down,
+then ends by PID any process of the instance that outlived the shutdown (a worker
+orphaned when its raylet died) and removes the instance's session folder. Cluster mode
+leaves the cluster alone: disconnecting ends the actors and tasks this driver submitted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-
-import ray
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Ray Train V2 settings for short local fits, measured in scripts/bench_local.py: the
+# controller polls its workers every 2 s by default, and the preemption watcher and
+# metrics actors cost a worker process each per fit. Set before Ray starts so every
+# process of the instance inherits them (Ray Train also forwards them to its controller).
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
 
 def bind_to_loopback() -> None:
     """Make a local Ray instance listen on 127.0.0.1 only (GCS, raylet, object manager, agents).
@@ -19,8 +40,8 @@ def bind_to_loopback() -> None:
     node IP only where it considers clusters unsupported (Windows/macOS), which its
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` switch turns on here too. The constant is read
     at import, so it is set on the imported module as well; the environment variable
-    carries it to every process the instance starts. Measured with ``ss -ltn``: every Ray
-    port on 127.0.0.1 (tests/test_security.py). Token auth stays on either way.
+    carries it to every process the instance starts. Checked with the listening sockets of
+    the instance's processes in tests/test_security.py. Token auth stays on either way.
     """
     from ray._private import ray_constants
 
@@ -28,38 +49,183 @@ def bind_to_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def init_ray(*, dashboard: bool = True, num_cpus: int | None = None) -> dict:
-    """Start or join Ray once; returns the cluster's resources.
+def on_cluster() -> bool:
+    return bool(os.environ.get("RAY_ADDRESS"))
 
-    With RAY_ADDRESS set (``ray job submit`` sets it), joins that cluster. Otherwise
-    starts a local runtime with this machine's resources and the dashboard bound to
-    127.0.0.1 only.
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the command stops where it is (the run folder stays resumable)."""
+
+
+def raise_on_signals() -> None:
+    """SIGTERM (a job scheduler stopping us) raises like Ctrl-C does, so ``finally`` blocks run."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class RaySession:
+    """``with RaySession(): ...`` starts or joins Ray for one command and cleans up after it.
+
+    Inside a process where Ray is already initialized (tests calling ``cli.main``), the
+    session uses that instance and leaves it running.
     """
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
+
+    def __init__(self, *, num_cpus: int | None = None, dashboard: bool = False, keep_logs: bool = False):
+        self.num_cpus, self.dashboard, self.keep_logs = num_cpus, dashboard, keep_logs
+        self.owned = False  # this session started the instance (and must end it)
+        self.session_dir: Path | None = None
+        self.raylet_pid: int | None = None
+        self.pids: set[int] = set()  # the instance's processes, recorded as they are seen
+        self.started_at = 0.0
+        self.description = "the Ray instance already running in this process"
+
+    def __enter__(self) -> RaySession:
+        import ray
+
+        if ray.is_initialized():
+            return self
+        if on_cluster():
             # A job's runtime_env (working_dir, env_vars) comes from `ray job submit`.
-            log.info("joining Ray cluster at %s", os.environ["RAY_ADDRESS"])
-            ray.init()
-        else:
-            bind_to_loopback()
-            # Local workers inherit this process's environment (HF_HUB_OFFLINE etc.).
-            # Ray's own INFO lines (every checkpoint, every worker start) drown the round's
-            # log on a laptop; warnings and worker errors still reach the console.
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=dashboard,
-                dashboard_host="127.0.0.1",
-                logging_config=ray.LoggingConfig(log_level="WARNING"),
-            )
-    resources = ray.cluster_resources()
-    log.info(
-        "Ray: %d CPUs, %d GPUs, %.1f GB object store",
-        resources.get("CPU", 0),
-        resources.get("GPU", 0),
-        resources.get("object_store_memory", 0) / 1e9,
-    )
-    return resources
+            ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
+            self.description = f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
+            log.info(self.description)
+            return self
+        bind_to_loopback()
+        for key, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(key, value)
+        self.started_at = time.time()
+        self.owned = True
+        # Ray's own INFO lines (every worker start, every report) drown the command's
+        # console; worker output stays in the instance's log files (--keep-ray-logs keeps
+        # them) and worker errors reach the driver as exceptions.
+        info = ray.init(
+            address="local",
+            num_cpus=self.num_cpus,
+            include_dashboard=self.dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+        )
+        node = ray._private.worker.global_worker.node
+        self.session_dir = Path(node.get_session_dir_path())
+        self.raylet_pid = _raylet_pid(node)
+        # right after ray.init this driver's new children are the instance's own (gcs, raylet, ...)
+        self.pids = {p.pid for p in _children_since(self.started_at)}
+        self.record_processes()
+        self.description = (f"local Ray at {info.address_info['gcs_address']} (auth: token, session "
+                            f"{self.session_dir}, raylet pid {self.raylet_pid}, "
+                            f"{int(ray.cluster_resources().get('CPU', 0))} CPUs)")
+        log.info(self.description)
+        return self
+
+    def record_processes(self) -> set[int]:
+        """The instance's processes seen so far: the driver's children that ray.init started
+        (gcs, raylet, ...) and every process its raylet started (workers and agents carry
+        ``RAY_RAYLET_PID`` in their environment, orphans too)."""
+        if self.owned:
+            self.pids |= {p.pid for p in _instance_processes(self.raylet_pid, self.started_at)}
+        return self.pids
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        if not self.owned:
+            if on_cluster() and ray.is_initialized():
+                ray.shutdown()  # the job's actors and tasks end with their driver
+            return
+        self.record_processes()
+        # Ctrl-C again while we clean up must not leave half an instance behind.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            try:
+                ray.shutdown()
+            finally:
+                leftover = end_processes(self.pids, self.raylet_pid, self.started_at)
+                if leftover:
+                    log.warning("ended %d Ray processes that outlived the shutdown: %s", len(leftover), leftover)
+                if self.session_dir is not None and not self.keep_logs:
+                    remove_session_dir(self.session_dir)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _raylet_pid(node: Any) -> int | None:
+    try:
+        return node.all_processes["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError):
+        return None
+
+
+def _children_since(started_at: float) -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.create_time() >= started_at - 1]
+
+
+def _instance_processes(raylet_pid: int | None, started_at: float) -> list:
+    """Processes (orphans included) whose environment names this instance's raylet and
+    that started after the instance did."""
+    import psutil
+
+    found = []
+    if raylet_pid is None:
+        return found
+    marker = str(raylet_pid)
+    for p in psutil.process_iter(["pid", "create_time"]):
+        if p.info["create_time"] is None or p.info["create_time"] < started_at - 1:
+            continue
+        try:
+            if p.environ().get("RAY_RAYLET_PID") == marker:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def end_processes(pids: set[int], raylet_pid: int | None, started_at: float, *, grace_s: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace_s``, every still-running process of the instance.
+
+    Only PIDs recorded for this instance (or found by its raylet marker) are touched, and
+    a PID is only ended when its process started after the instance did, so a PID reused by
+    an unrelated process is left alone. Returns the PIDs that had to be ended.
+    """
+    import psutil
+
+    alive = []
+    for pid in pids | {p.pid for p in _instance_processes(raylet_pid, started_at)}:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() >= started_at - 1 and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=grace_s)
+    for p in still:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(still, timeout=grace_s)
+    return sorted(p.pid for p in alive)
+
+
+def remove_session_dir(session_dir: Path) -> None:
+    """Remove the instance's folder under Ray's temp dir (logs, sockets, spilled objects)."""
+    shutil.rmtree(session_dir, ignore_errors=True)
+    latest = session_dir.parent / "session_latest"
+    if latest.is_symlink() and not latest.exists():  # it pointed at the folder just removed
+        latest.unlink(missing_ok=True)
 
 
 def cluster_has_gpus() -> bool:
+    import ray
+
     return ray.cluster_resources().get("GPU", 0) > 0

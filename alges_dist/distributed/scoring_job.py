@@ -11,9 +11,11 @@ job the errors go to ``errors.parquet`` and the job fails only past
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,8 +28,9 @@ import pyarrow.parquet as pq
 import torch
 
 from alges_dist.config import Config
-from alges_dist.data.atomic import atomic_path
+from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.frames import FrameDecodeError, load_image, normalize_images
+from alges_dist.distributed.tasks import here, on_worker, worker_device
 from alges_dist.models import load_model
 from alges_dist.scoring import ProjectionCache, score_batch, score_dims
 
@@ -51,7 +54,10 @@ def decode_frames(batch: dict[str, np.ndarray], *, size: tuple[int, int]) -> dic
 
 
 def scores_schema(dims: dict[str, int]) -> pa.Schema:
-    fields = [pa.field("frame_id", pa.string(), nullable=False), pa.field("error", pa.string())]
+    # worker: "node id/ip/device" of the actor that scored the row (dictionary-encoded in Parquet:
+    # a few bytes per file), so the round records where scoring ran
+    fields = [pa.field("frame_id", pa.string(), nullable=False), pa.field("error", pa.string()),
+              pa.field("worker", pa.string())]
     for name, d in dims.items():
         fields.append(pa.field(name, pa.float32() if d == 1 else pa.list_(pa.float32(), d)))
     return pa.schema(fields)
@@ -64,13 +70,14 @@ class Scorer:
         cfg = Config.model_validate(config)
         self.opts, self.normalize = cfg.scoring, cfg.data.normalize
         torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(worker_device())
         self.model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, checkpoint)
         self.model.to(self.device).eval()
         self.dims = score_dims(self.model, feature_grid=self.opts.feature_grid, projection_dim=self.opts.projection_dim)
         self.schema = scores_schema(self.dims)
         self.projections = ProjectionCache()  # the JL matrix is drawn once per actor
         self.fault = fault_injection or {}
+        self.worker = here(str(self.device)).label()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.fault and not Path(self.fault["marker"]).exists():
@@ -80,6 +87,7 @@ class Scorer:
         columns: dict[str, pa.Array] = {
             "frame_id": pa.array(batch["frame_id"].tolist(), pa.string()),
             "error": pa.array([None if good else e for good, e in zip(ok, batch["error"])], pa.string()),
+            "worker": pa.array([self.worker] * len(ok), pa.string()),
         }
         scores: dict[str, np.ndarray] = {}
         if ok.any():
@@ -109,6 +117,8 @@ class ScoreResult(NamedTuple):
     scores_dir: Path
     n_scored: int
     n_errors: int
+    workers: list[str]  # "node id/ip/device" of the actors that scored
+    seconds: float
 
 
 def score_pool(
@@ -128,7 +138,9 @@ def score_pool(
     import ray.data
     from ray.data.expressions import col
 
+    t0 = time.perf_counter()
     final = out_dir / "scores"
+    (out_dir / "scores.json").unlink(missing_ok=True)
     tmp = out_dir / f".scores-{uuid.uuid4().hex[:8]}"
     size = tuple(cfg.data.image_size)
     ds = ray.data.read_parquet(str(Path(manifest).resolve())).select_columns(["frame_id", "image_uri", "split"])
@@ -148,28 +160,65 @@ def score_pool(
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.scoring.num_actors),
         batch_size=cfg.scoring.batch_size,
-        num_gpus=1 if use_gpu else 0,
+        num_gpus=cfg.scoring.gpus_per_actor if use_gpu else 0,
         num_cpus=cfg.scoring.cpus_per_actor,
     )  # Ray Data restarts a lost actor and retries its unfinished batches (tested)
     log.info("scoring pool of %s with %d actors (gpu=%s)", manifest, cfg.scoring.num_actors, use_gpu)
-    ds.write_parquet(str(tmp.resolve()))
-    if final.exists():  # an earlier attempt finished writing but the round did not record it
+    try:
+        ds.write_parquet(str(tmp.resolve()))
+        # checked before it counts: every pool frame exactly once, errors under the rate
+        summary, _ = on_worker(check_score_shards, str(tmp.resolve()), str(Path(manifest).resolve()),
+                               str((out_dir / "errors.parquet").resolve()))
+        if summary["error_rate"] > cfg.scoring.max_error_rate:
+            raise StageFailed(
+                f"{summary['n_errors']} of {summary['n_rows']} frames ({summary['error_rate']:.1%}) failed to "
+                f"decode, more than scoring.max_error_rate={cfg.scoring.max_error_rate:.1%}; first: "
+                f"{summary['first_error']} (all listed in {out_dir / 'errors.parquet'})")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if summary["n_errors"]:
+        log.warning("%d of %d frames failed to decode; see %s", summary["n_errors"], summary["n_rows"],
+                    out_dir / "errors.parquet")
+    if final.exists():  # an earlier attempt renamed its shards but did not record them
         shutil.rmtree(final)
     os.replace(tmp, final)
-    table = read_scores(final, columns=["frame_id", "error"])
-    failed = table.filter(pc.is_valid(table["error"]))
-    with atomic_path(out_dir / "errors.parquet") as path:
+    seconds = time.perf_counter() - t0
+    record = {**summary, "seconds": seconds}
+    atomic_write_text(out_dir / "scores.json", json.dumps(record, indent=1))  # the commit marker, last
+    return ScoreResult(final, summary["n_rows"] - summary["n_errors"], summary["n_errors"], summary["workers"], seconds)
+
+
+class StageFailed(RuntimeError):
+    """A stage ran but its output failed its checks; nothing of it counts as done."""
+
+
+def check_score_shards(scores_dir: str, manifest: str, errors_path: str) -> dict[str, Any]:
+    """Check a scoring job's shards against the manifest (runs on a worker) and write the
+    undecodable frames to ``errors_path``. Raises ValueError when a pool frame is missing,
+    repeated, or a scored frame is not in the pool."""
+    table = pads.dataset(scores_dir, format="parquet").to_table(columns=["frame_id", "error", "worker"])
+    pool = pq.read_table(manifest, columns=["frame_id", "split"], filters=[("split", "=", "pool")])["frame_id"]
+    counts = pc.value_counts(table["frame_id"])
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1)).field("values")
+    if len(repeated):
+        raise ValueError(f"{scores_dir}: frames {repeated[:5].to_pylist()} were scored more than once "
+                         f"({len(repeated)} in all)")
+    missing = pc.filter(pool, pc.invert(pc.is_in(pool, value_set=table["frame_id"].combine_chunks())))
+    extra = table.filter(pc.invert(pc.is_in(table["frame_id"], value_set=pool.combine_chunks())))
+    if len(missing) or extra.num_rows:
+        raise ValueError(f"{scores_dir}: the shards do not cover the pool exactly once: {len(missing)} pool frames "
+                         f"missing (first {missing[:3].to_pylist()}), {extra.num_rows} not in the pool (first "
+                         f"{extra['frame_id'][:3].to_pylist()})")
+    failed = table.filter(pc.is_valid(table["error"])).select(["frame_id", "error"])
+    with atomic_path(errors_path) as path:
         pq.write_table(failed, path)
-    rate = failed.num_rows / max(table.num_rows, 1)
-    if failed.num_rows:
-        log.warning("%d of %d frames failed to decode; see %s", failed.num_rows, table.num_rows, out_dir / "errors.parquet")
-    if rate > cfg.scoring.max_error_rate:
-        raise RuntimeError(
-            f"{failed.num_rows} of {table.num_rows} frames ({rate:.1%}) failed to decode, more than "
-            f"scoring.max_error_rate={cfg.scoring.max_error_rate:.1%}; first: {failed['error'][0]} "
-            f"(all listed in {out_dir / 'errors.parquet'})"
-        )
-    return ScoreResult(final, table.num_rows - failed.num_rows, failed.num_rows)
+    return {
+        "n_rows": table.num_rows, "n_errors": failed.num_rows,
+        "error_rate": failed.num_rows / max(table.num_rows, 1),
+        "first_error": failed["error"][0].as_py() if failed.num_rows else None,
+        "workers": sorted(w for w in pc.unique(table["worker"]).to_pylist() if w),
+    }
 
 
 def read_scores(scores_dir: Path, columns: list[str] | None = None) -> pa.Table:

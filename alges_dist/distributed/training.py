@@ -13,13 +13,16 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from alges_dist.config import Config
-from alges_dist.data.atomic import atomic_path
+from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.frames import FrameDataset
 from alges_dist.data.manifest import filter_manifest, read_manifest
 from alges_dist.evaluation import evaluate
@@ -28,13 +31,9 @@ from alges_dist.models import build_model, load_model
 log = logging.getLogger(__name__)
 
 
-class TrainResult(NamedTuple):
-    model_path: Path
-    history: list[dict[str, Any]]  # one entry per epoch: epoch, train_loss, val_dice, val_miou
-
-
-def initial_weights(cfg: Config, path: Path, seed: int) -> Path:
+def initial_weights(cfg: Config | dict[str, Any], path: Path | str, seed: int) -> Path:
     """Write the model's initial weights once per seed: every round restarts from them."""
+    cfg, path = Config.model_validate(cfg) if isinstance(cfg, dict) else cfg, Path(path)
     if not path.exists():
         with torch.random.fork_rng(devices=[]):  # seed the init without touching global RNG
             torch.manual_seed(seed)
@@ -53,7 +52,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     fault = loop_config.get("fault_injection") or {}
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(cfg.train.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    from alges_dist.distributed.tasks import worker_device
+
+    device = torch.device(worker_device())  # the CPU on a GPU resource without CUDA
     torch.manual_seed(cfg.train.seed + rank)
 
     table, encoding = read_manifest(loop_config["manifest"])
@@ -64,7 +65,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_set) > cfg.train.batch_size
     )
-    loader = ray.train.torch.prepare_data_loader(loader)
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, loop_config["init_weights"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -72,30 +73,32 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resuming after a worker failure
         with checkpoint.as_directory() as ckpt_dir:
-            model.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu"))
-            optimizer.load_state_dict(torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu"))
+            model.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu", weights_only=True))
             state = json.loads((Path(ckpt_dir) / "state.json").read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     bare = model.module if hasattr(model, "module") else model
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=encoding.ignore_index)
 
-    # rank 0's epoch bar is drawn by the driver (tqdm_ray), under the driver's round bar
-    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+    from alges_dist.distributed.tasks import here
 
-    epochs = range(start_epoch, cfg.train.epochs)
-    bar = ray_tqdm(total=len(epochs), desc="epochs", unit="epoch") if rank == 0 else None
-    for epoch in epochs:
+    where = here(str(device)).as_dict()
+    progress = Path(loop_config["progress"]) if rank == 0 and loop_config.get("progress") else None
+    for epoch in range(start_epoch, cfg.train.epochs):
         if fault.get("kill_at_epoch") == epoch and rank == 0 and not Path(fault["marker"]).exists():
             Path(fault["marker"]).touch()
             os._exit(1)  # simulated node loss: Ray Train restarts from the last checkpoint
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        # seeded per epoch, not once: a fit resumed from epoch e's checkpoint then shuffles and
+        # draws exactly as the uninterrupted fit did (tests/test_faults.py compares the picks)
+        torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, rank, epoch]).generate_state(1)[0]))
         model.train()
         loss_sum, n_batches = 0.0, 0
         for images, masks in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), masks)
+            loss = loss_fn(model(images.to(device)), masks.to(device))
             loss.backward()
             optimizer.step()
             loss_sum, n_batches = loss_sum + loss.item(), n_batches + 1
@@ -111,6 +114,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             )
             metrics.update(val_dice=val["dice"], val_miou=val["miou"])
         history.append({**metrics, "resumed_from_epoch": start_epoch})
+        if progress is not None:  # the driver's console reads it (one line per fit, or a bar on a TTY)
+            atomic_write_text(progress, json.dumps({"epochs": cfg.train.epochs, **history[-1]}))
         # A checkpoint is the model plus Adam's two moments (3x the weights): on short
         # epochs writing one every epoch costs more than the epoch itself.
         save = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1
@@ -119,13 +124,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0 and save:  # only rank 0 writes; the others report metrics only
                 torch.save(bare.state_dict(), Path(tmp) / "model.pt")
                 torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-                (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+                (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "where": where}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+
+
+class TrainResult(NamedTuple):
+    model_path: Path
+    history: list[dict[str, Any]]  # one entry per epoch: epoch, train_loss, val_dice, val_miou
+    where: dict[str, Any]  # rank 0's node and device
+    seconds: float
 
 
 def train_model(
@@ -136,22 +144,35 @@ def train_model(
     out_dir: Path,
     use_gpu: bool,
     fault_injection: dict[str, Any] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Fit on the manifest's labeled pool rows; write ``out_dir/model.pt`` and ``train.json``.
+
+    Ray Train keeps its checkpoints under ``out_dir/ray_train`` until the model is saved, so a
+    fit interrupted by a crash of the driver resumes from its last checkpoint when rerun with
+    the same settings (the run folder's fingerprint guarantees that). on_progress: called in
+    the driver with rank 0's latest epoch entry while the fit runs.
 
     fault_injection: for tests, ``{"kill_at_epoch": e, "marker": path}`` makes rank 0
     exit abruptly once at epoch e, as a lost node would.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from alges_dist.distributed.tasks import on_worker
+
+    t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = (out_dir / "ray_train").resolve()
-    shutil.rmtree(storage, ignore_errors=True)  # a half-finished earlier attempt restarts clean
+    progress = out_dir / "progress.json"
+    progress.unlink(missing_ok=True)
     log.info(
-        "training %s/%s on %s: %d workers, gpu=%s, %d epochs",
+        "training %s/%s on %s: %d workers, gpu=%s, %d epochs%s",
         cfg.model.arch, cfg.model.encoder, manifest, cfg.train.num_workers, use_gpu, cfg.train.epochs,
+        " (resuming from its checkpoint)" if storage.exists() else "",
     )
+    # nccl needs CUDA on the workers; a GPU resource without it trains on the CPU over gloo
+    backend = "nccl" if use_gpu and on_worker(_has_cuda, gpu=True)[0] else "gloo"
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -159,7 +180,9 @@ def train_model(
             "manifest": str(Path(manifest).resolve()),
             "init_weights": str(Path(init_weights).resolve()),
             "fault_injection": fault_injection,
+            "progress": str(progress.resolve()),
         },
+        torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
@@ -169,14 +192,54 @@ def train_model(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer, progress, on_progress)
     if result.checkpoint is None:
         raise RuntimeError(f"training under {storage} finished without a checkpoint: {result.error!r}")
     with result.checkpoint.as_directory() as ckpt_dir:
-        history = json.loads((Path(ckpt_dir) / "state.json").read_text())["history"]
+        state = json.loads((Path(ckpt_dir) / "state.json").read_text())
         with atomic_path(out_dir / "model.pt") as tmp:
             shutil.copyfile(Path(ckpt_dir) / "model.pt", tmp)
-    with atomic_path(out_dir / "train.json") as tmp:
-        Path(tmp).write_text(json.dumps(history, indent=1))
+    seconds = time.perf_counter() - t0
+    record = {"history": state["history"], "where": state.get("where", {}), "seconds": seconds}
+    atomic_write_text(out_dir / "train.json", json.dumps(record, indent=1))
     shutil.rmtree(storage, ignore_errors=True)  # the model is kept; Ray's copies are not needed
-    return TrainResult(out_dir / "model.pt", history)
+    progress.unlink(missing_ok=True)
+    return TrainResult(out_dir / "model.pt", state["history"], record["where"], seconds)
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _fit_interruptibly(trainer: Any, progress: Path, on_progress: Callable[[dict[str, Any]], None] | None) -> Any:
+    """``trainer.fit()`` in a helper thread while this (main) thread waits and reports progress.
+
+    Ray Train installs a SIGINT handler of its own when fit() runs on the main thread, which
+    turns Ctrl-C into a quiet abort and the run carried on (issue 17). From a helper thread it
+    does not, so Ctrl-C raises KeyboardInterrupt here, and the command's cleanup ends the fit
+    (shutting Ray down ends the controller and its workers).
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    seen = None
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        if on_progress is not None and progress.exists():
+            try:
+                entry = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                continue
+            if entry != seen:
+                seen = entry
+                on_progress(entry)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,0 +1,35 @@
+"""Evaluation on a worker: the test split through a saved model, the paper's Dice and mIoU.
+
+``evaluate_checkpoint`` runs as a Ray task (one GPU when the run uses GPUs), loading the
+model as the scoring actors do; the driver only receives the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from alges_dist.config import Config
+from alges_dist.data.frames import FrameDataset
+from alges_dist.data.manifest import MANIFEST_SCHEMA, read_encoding
+from alges_dist.distributed.tasks import worker_device
+from alges_dist.evaluation import evaluate
+from alges_dist.models import load_model
+
+
+def evaluate_checkpoint(config: dict[str, Any], manifest: str, model_path: str) -> dict[str, float]:
+    """Test-split metrics of the model saved at ``model_path`` (runs on a worker)."""
+    cfg = Config.model_validate(config)
+    torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
+    device = torch.device(worker_device())
+    test = pq.read_table(manifest, filters=[("split", "=", "test")]).cast(MANIFEST_SCHEMA)
+    encoding = read_encoding(manifest)
+    model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).to(device)
+    loader = torch.utils.data.DataLoader(
+        FrameDataset(test, encoding, tuple(cfg.data.image_size), cfg.data.normalize),
+        batch_size=cfg.scoring.batch_size,
+    )
+    return evaluate(model, loader, n_classes=cfg.data.n_classes, dice_classes=cfg.data.dice_classes,
+                    ignore_index=encoding.ignore_index, device=device)

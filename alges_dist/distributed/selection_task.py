@@ -1,0 +1,189 @@
+"""The selection stage on a worker: read one score column, pick the query batch, return it.
+
+``pick_batch`` runs as a Ray task (one GPU when the run uses GPUs); the driver gets back
+``budget`` frame ids and values, never the embeddings. The task reads from the score shards
+only ``frame_id``, ``error`` and the one column the strategy uses, and puts the rows in
+``frame_id`` order: selection is a function of the scores as a set and the seed, whatever
+order Ray Data wrote the shards in. With ``n_shards > 1`` the rows are split over that many
+actors (``ShardedPool``), each loading its own slice of the shards, and the same greedy
+loop drives them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from alges_dist.config import Config
+from alges_dist.strategies import get_strategy, score_column
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 1.5  # device memory per byte of the column: storage, distance vectors, kNN blocks
+
+
+def _score_files(scores_dir: str | Path) -> list[str]:
+    return sorted(str(p) for p in Path(scores_dir).glob("*.parquet"))
+
+
+def column_bytes(scores_dir: str | Path, column: str, storage_itemsize: int) -> int:
+    """Bytes the column takes in storage form, from the shards' footers (no data read)."""
+    rows, dim = 0, 1
+    for path in _score_files(scores_dir):
+        meta = pq.ParquetFile(path)
+        rows += meta.metadata.num_rows
+        kind = meta.schema_arrow.field(column).type
+        dim = kind.list_size if pa.types.is_fixed_size_list(kind) else 1
+    return rows * dim * storage_itemsize
+
+
+def device_memory() -> dict[str, Any]:
+    """Free memory of the device a selection task gets here (GPU when assigned one, else host RAM)."""
+    import ray
+
+    if ray.get_gpu_ids():
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return {"device": "cuda", "free": int(free), "total": int(total)}
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"device": "cpu", "free": int(vm.available), "total": int(vm.total)}
+
+
+def shards_needed(n_bytes: int, free: int) -> int:
+    """One device when the column fits with headroom, else enough to split it."""
+    return max(1, math.ceil(n_bytes * HEADROOM / max(free, 1)))
+
+
+def _sorted_candidates(scores_dir: str, column: str | None, pool_ids: pa.Array) -> pa.Array:
+    """frame_id of every scored (error-free) frame, sorted; or the pool's ids when nothing is scored."""
+    if column is None:
+        return pool_ids.take(pc.sort_indices(pool_ids))
+    table = pads.dataset(_score_files(scores_dir), format="parquet").to_table(
+        columns=["frame_id"], filter=pc.is_null(pc.field("error")))  # undecodable frames are never picked
+    ids = table["frame_id"].combine_chunks()
+    return ids.take(pc.sort_indices(ids))
+
+
+class ScoreRows:
+    """Loads rows of one score column for the sorted ids ``ids`` into an (n, d) float32 array,
+    one shard file at a time (peak: the array plus one file), wherever it is called: in the
+    selection task, or in each actor of a sharded pool for its own slice."""
+
+    def __init__(self, scores_dir: str, column: str, ids: pa.Array):
+        self.scores_dir, self.column, self.ids = scores_dir, column, ids
+
+    def __call__(self) -> np.ndarray:
+        out: np.ndarray | None = None
+        filled = 0
+        for path in _score_files(self.scores_dir):
+            part = pq.read_table(path, columns=["frame_id", self.column])
+            pos = pc.index_in(part["frame_id"], value_set=self.ids)
+            keep = pc.is_valid(pos)
+            if not pc.any(keep).as_py():
+                continue
+            part, pos = part.filter(keep), pos.filter(keep).to_numpy()
+            arr = part[self.column].combine_chunks()
+            if pa.types.is_fixed_size_list(arr.type):
+                rows = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+            else:
+                rows = arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
+            if out is None:
+                out = np.empty((len(self.ids), rows.shape[1]), np.float32)
+            out[pos] = rows
+            filled += len(pos)
+        if out is None or filled != len(self.ids):
+            raise ValueError(f"{self.scores_dir}: column {self.column!r} covers {filled} of the {len(self.ids)} "
+                             "frames to select from; rescore the round")
+        return out
+
+
+def time_gap(manifest: str, ids: pa.Array, gap_s: float):
+    """The ``TimeGap`` of the rows ``ids``: videos from ``video_id``, times from ``#t=`` URIs
+    (rows without a time, image files, are never near another)."""
+    from alges_dist.selection_engine import TimeGap
+
+    table = pq.read_table(manifest, columns=["frame_id", "video_id", "image_uri"])
+    table = table.take(pc.index_in(ids, value_set=table["frame_id"].combine_chunks()))
+    seconds = pc.extract_regex(table["image_uri"].combine_chunks(), r"#t=(?P<t>\d+(?:\.\d+)?)$").field("t")
+    has_time = pc.is_valid(seconds)
+    codes = pc.dictionary_encode(table["video_id"]).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    group = np.where(has_time.to_numpy(zero_copy_only=False), codes, -1).astype(np.int64)
+    secs = pc.fill_null(pc.cast(seconds, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    return TimeGap(group, np.ascontiguousarray(secs, np.float64), float(gap_s))
+
+
+def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str | None, *, seed: int,
+               n_shards: int = 1) -> dict[str, Any]:
+    """The round's query batch: ``{"frame_id": [...], "value": [...], "seconds": ...}`` in pick order.
+
+    value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
+    score (top-k), NaN (random).
+    """
+    from alges_dist.selection import select
+
+    t0 = time.perf_counter()
+    cfg = Config.model_validate(config)
+    spec, opts = get_strategy(strategy), cfg.selection
+    column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
+    table = pq.read_table(manifest, columns=["frame_id", "split", "labeled_round"],
+                          filters=[("split", "=", "pool")])
+    pool_ids = table["frame_id"].combine_chunks()
+    labeled_ids = table.filter(pc.is_valid(table["labeled_round"]))["frame_id"].combine_chunks()
+    ids = _sorted_candidates(scores_dir, column, pool_ids)
+    labeled = pc.is_in(ids, value_set=labeled_ids).to_numpy(zero_copy_only=False)
+    if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
+        ids, labeled = ids.filter(pa.array(~labeled)), labeled[~labeled]
+    gap = time_gap(manifest, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
+    options: dict[str, Any] = {"gap": gap}
+    if spec.rule in ("kcenter", "kmeans++"):
+        from alges_dist.distributed.tasks import worker_device
+
+        # one device: this task's (a GPU resource without CUDA: the CPU); sharded: each actor's own
+        device = worker_device() if opts.device == "auto" and n_shards == 1 else opts.device
+        options.update(device=device, backend=opts.backend, storage_dtype=opts.storage_dtype)
+        if spec.rule == "kmeans++":
+            options["local_trials"] = opts.kmeanspp_local_trials
+    if spec.rule == "top-k":
+        options["largest"] = spec.largest
+    pool = values = None
+    if column is not None and n_shards > 1:
+        from alges_dist.distributed.sharded_selection import ShardedPool
+
+        cuts = np.linspace(0, len(ids), n_shards + 1).astype(int)
+        pool = ShardedPool([ScoreRows(scores_dir, column, ids.slice(a, b - a)) for a, b in zip(cuts, cuts[1:])],
+                           device=options.pop("device"), backend=options.pop("backend"),
+                           storage_dtype=options.pop("storage_dtype"), gap=options.pop("gap"))
+        values = pool
+    elif column is not None:
+        values = ScoreRows(scores_dir, column, ids)()
+        if spec.rule == "top-k":
+            values = values[:, 0]
+    try:
+        picked = select(spec.rule, values, labeled, cfg.loop.budget, seed=seed, **options)
+    finally:
+        if pool is not None:
+            pool.close()
+    picked_values = values[picked.indices] if spec.rule == "top-k" else picked.radii
+    log.info("%s: picked %d of %d frames in %.1f s", strategy, len(picked.indices), len(ids), time.perf_counter() - t0)
+    return {
+        "frame_id": ids.take(pa.array(picked.indices)).to_pylist(),
+        "value": np.asarray(picked_values, np.float32).tolist(),
+        "n_candidates": len(ids),
+        "n_random_fill": picked.n_random_fill,
+        "backend": picked.backend,
+        "n_shards": n_shards,
+        "seconds": time.perf_counter() - t0,
+    }

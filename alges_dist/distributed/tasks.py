@@ -1,0 +1,101 @@
+"""Run one function as a Ray task on a worker and say where it ran.
+
+The driver only orchestrates (DESIGN): anything that reads a whole manifest, loads a
+model or touches the embeddings runs through :func:`on_worker`, on the cluster's workers
+or, locally, on the local instance's. The result comes back with a ``where`` record
+(node, IP, device) that the round records keep.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from typing import Any, Callable, NamedTuple
+
+log = logging.getLogger(__name__)
+
+
+class Where(NamedTuple):
+    """Where a stage ran: Ray node id, host IP, device ("cpu", "cuda:0"), the GPUs Ray assigned."""
+
+    node_id: str
+    ip: str
+    device: str
+    pid: int
+    gpu_ids: tuple = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+    def label(self) -> str:
+        """One string for a score-shard column: node id, IP, device."""
+        return f"{self.node_id}/{self.ip}/{self.device}" + (f"/gpu{','.join(self.gpu_ids)}" if self.gpu_ids else "")
+
+
+def worker_device() -> str:
+    """The device this worker computes on: its GPU when Ray assigned one and torch sees CUDA,
+    else the CPU; a GPU resource without CUDA (a simulated GPU node, a driver mismatch) falls
+    back to the CPU with one warning per process."""
+    import ray
+
+    if not ray.is_initialized() or not ray.get_gpu_ids():
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    _warn_no_cuda(tuple(ray.get_gpu_ids()))
+    return "cpu"
+
+
+@functools.cache
+def _warn_no_cuda(gpu_ids: tuple) -> None:
+    log.warning("Ray assigned GPU %s to this worker but torch sees no CUDA device: computing on the CPU",
+                ",".join(map(str, gpu_ids)))
+
+
+def here(device: str | None = None) -> Where:
+    """The calling worker's node and device (``worker_device`` unless given)."""
+    import ray
+
+    device = worker_device() if device is None else device
+    if not ray.is_initialized():
+        return Where("", socket.gethostname(), device, os.getpid())
+    return Where(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), device, os.getpid(),
+                 tuple(str(g) for g in ray.get_gpu_ids()))
+
+
+def _call_and_locate(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Where]:
+    return fn(*args, **kwargs), here()
+
+
+@functools.cache
+def _remote(num_cpus: float, num_gpus: float):
+    import ray
+
+    # A worker crash is retried once; an exception in fn is the stage's error, not retried.
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(_call_and_locate)
+
+
+def on_worker(fn: Callable[..., Any], *args: Any, gpu: bool = False, cpus: float = 1, **kwargs: Any) -> tuple[Any, Where]:
+    """``fn(*args, **kwargs)`` as a Ray task (one GPU when ``gpu``); returns (result, where).
+
+    ``fn`` must be importable by workers (a module-level function of this package).
+    Exceptions raised by ``fn`` are re-raised here with their own type.
+    """
+    import ray
+
+    ref = _remote(cpus, 1 if gpu else 0).remote(fn, args, kwargs)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        log.debug("%s on a worker failed:\n%s", getattr(fn, "__name__", fn), err)  # the remote traceback, for run.log
+        if isinstance(err.cause, Exception):
+            raise err.cause from None  # the stage's own error (ValueError naming a row, ...)
+        raise
+    except BaseException:
+        ray.cancel(ref, force=True)  # Ctrl-C in the driver: do not leave the task running
+        raise

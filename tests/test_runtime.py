@@ -1,0 +1,109 @@
+"""Nothing outlives a command (issue 17): real `alges run` processes, their Ray instance, Ctrl-C.
+
+Each command here starts its own local Ray instance in a subprocess; the test records the
+command's whole process tree while it runs and checks that every one of those processes is
+gone a few seconds after the command ends, and that the instance's session folder is
+removed: after a finished run, after an error mid-run, and after SIGINT / SIGTERM during
+training and during scoring, each followed by a resume that picks what an uninterrupted
+run picks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from alges_dist.data.manifest import mark_labeled, read_manifest, set_uris, write_manifest
+from cli_runs import FAST, Watched, instance_processes, raylet_pid, session_dir, sets, wait_for_line
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STRATEGY = "alges-img-kcenter"
+
+
+def run_args(pool, out, *extra):
+    return ["run", "--pool", str(pool), "--out", str(out), *sets(*FAST, f"loop.strategies=[{STRATEGY}]", *extra)]
+
+
+def picks(out):
+    return pq.read_table(out / STRATEGY / "seed_0" / "round_00" / "selection.parquet")["frame_id"].to_pylist()
+
+
+def assert_left_nothing(watched, out, *, keep_logs=False):
+    assert watched.seen, "no process of the command was recorded"
+    assert watched.survivors() == []
+    log = out / "run.log"
+    assert instance_processes(raylet_pid(log)) == []
+    assert session_dir(log).exists() == keep_logs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    watched = Watched(run_args(demo_manifest, out))
+    code, stdout, stderr = watched.wait(600)
+    assert code == 0, stderr[-3000:]
+    return watched, out, picks(out)
+
+
+def test_a_finished_run_leaves_no_ray_process_and_no_session_folder(uninterrupted):
+    watched, out, _ = uninterrupted
+    assert_left_nothing(watched, out)
+    assert "Reporting training result" not in watched.stdout + watched.stderr
+
+
+def test_keep_ray_logs_keeps_the_session_folder(demo_manifest, tmp_path):
+    out = tmp_path / "run"
+    watched = Watched(["train", "--keep-ray-logs", "--pool", str(demo_manifest), "--out", str(out), *sets(*FAST)])
+    code, _, stderr = watched.wait(600)
+    assert code == 0, stderr[-3000:]
+    assert_left_nothing(watched, out, keep_logs=True)
+    shutil.rmtree(session_dir(out / "run.log"))
+
+
+@pytest.mark.parametrize(("stage", "signum"), [("train", signal.SIGINT), ("score", signal.SIGTERM)])
+def test_interrupt_stops_within_seconds_and_the_rerun_finishes_with_the_same_picks(
+        stage, signum, uninterrupted, demo_manifest, tmp_path):
+    out = tmp_path / "run"
+    watched = Watched(run_args(demo_manifest, out))
+    wait_for_line(out / "run.log", rf"{STRATEGY} seed 0 round 0: {stage}\n", 600, watched.proc)
+    time.sleep(1.5)  # inside the stage's Ray job
+    sent = time.time()
+    watched.signal(signum)
+    code, _, stderr = watched.wait(120)
+    assert code == 130, stderr[-3000:]
+    assert time.time() - sent < 30
+    assert f"during {STRATEGY} seed 0 round 0: {stage}" in stderr and "rerun the same command to resume" in stderr
+    assert_left_nothing(watched, out)
+    round0 = out / "initial" / "seed_0" / "round_00"
+    assert not (round0 / ("model.pt" if stage == "train" else "scores.json")).exists()  # nothing half-done counts
+
+    again = Watched(run_args(demo_manifest, out))
+    code, _, stderr = again.wait(600)
+    assert code == 0, stderr[-3000:]
+    assert_left_nothing(again, out)
+    assert picks(out) == uninterrupted[2]
+
+
+def test_an_error_mid_run_leaves_no_ray_process_and_the_failed_stage_does_not_count(demo_manifest, tmp_path):
+    table, encoding = read_manifest(demo_manifest)
+    pool_ids = [f for f, s in zip(table["frame_id"].to_pylist(), table["split"].to_pylist()) if s == "pool"]
+    table = mark_labeled(table, pool_ids[1:5], 0)  # the initial set; the broken frame is not in it
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    pool = tmp_path / "pool.parquet"
+    write_manifest(set_uris(table, "image_uri", {pool_ids[0]: str(broken)}), pool, encoding)
+    out = tmp_path / "run"
+    for attempt in range(2):  # the rerun must fail the same way, not skip the failed stage
+        watched = Watched(run_args(pool, out, "scoring.max_error_rate=0"))
+        code, _, stderr = watched.wait(600)
+        assert code == 2, stderr[-3000:]
+        assert "failed to decode, more than scoring.max_error_rate=0.0%" in stderr
+        assert "Traceback" not in stderr
+        assert_left_nothing(watched, out)
+    assert not (out / "initial" / "seed_0" / "round_00" / "scores").exists()
+    assert not list(out.rglob(".scores-*"))

@@ -1,0 +1,104 @@
+"""The selection stage on a worker: picks are a function of the scores as a set and the seed,
+it reads one column, and sharding it over Ray actors changes nothing (issues 10.9, 12)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alges_dist.config import load_config
+from alges_dist.data.manifest import MaskEncoding, make_manifest, mark_labeled, write_manifest
+from alges_dist.distributed import selection_task
+from alges_dist.distributed.selection_task import column_bytes, pick_batch, shards_needed
+
+ENCODING = MaskEncoding(mode="threshold", threshold=127, class_names=["bg", "fg"])
+
+
+def _run(tmp_path, n=400, d=12, seed=0, files=3, order=None, video=False):
+    """A manifest of n pool frames (ids not in row order), 20 labeled, and score shards."""
+    rng = np.random.default_rng(seed)
+    ids = [f"v{i % 5}_{i // 5:06d}" for i in rng.permutation(n)]
+    uris = [f"/videos/v{int(f[1])}.mp4#t={int(f.split('_')[1])}" if video else f"/frames/{f}.png" for f in ids]
+    table = make_manifest(frame_ids=ids, video_ids=[f.split("_")[0] for f in ids], frame_indices=list(range(n)),
+                          image_uris=uris, mask_uris=[f"/m/{f}.png" for f in ids], splits=["pool"] * n)
+    table = mark_labeled(table, ids[:20], 0)
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(table, manifest, ENCODING)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    entropy = rng.uniform(size=n).astype(np.float32)
+    error = [None] * n
+    error[7] = "frame 7: unreadable"  # never picked
+    scores = pa.table({"frame_id": ids, "error": pa.array(error, pa.string()),
+                       "alges_img": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d),
+                       "entropy": entropy, "feature": pa.FixedSizeListArray.from_arrays(pa.array(-x.reshape(-1)), d)})
+    order = np.arange(n) if order is None else order
+    folder = tmp_path / f"scores_{files}_{hash(tuple(order[:5]))}"
+    folder.mkdir()
+    for k, part in enumerate(np.array_split(order, files)):
+        pq.write_table(scores.take(pa.array(part)), folder / f"part-{k}.parquet")
+    return manifest, folder, ids, x
+
+
+def _cfg(*extra):
+    return load_config(None, ["loop.budget=15", *extra]).model_dump(mode="json")
+
+
+@pytest.mark.parametrize("strategy", ["alges-img-kcenter", "alges-img", "entropy", "coreset"])
+def test_picks_do_not_depend_on_how_the_shards_were_written(tmp_path, strategy):
+    manifest, scores, ids, _ = _run(tmp_path)
+    a = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=3)
+    shuffled = np.random.default_rng(9).permutation(len(ids))
+    _, scores_b, _, _ = _run(tmp_path, files=5, order=shuffled)
+    b = pick_batch(_cfg(), strategy, str(manifest), str(scores_b), seed=3)
+    assert a["frame_id"] == b["frame_id"] and a["value"] == b["value"]
+    assert len(a["frame_id"]) == 15 and ids[7] not in a["frame_id"] and not set(ids[:20]) & set(a["frame_id"])
+
+
+def test_the_task_reads_only_frame_id_error_and_its_column(tmp_path, monkeypatch):
+    manifest, scores, _, _ = _run(tmp_path)
+    seen = []
+    real = pq.read_table
+
+    def spy(source, *args, columns=None, **kwargs):
+        if "scores" in str(source):
+            seen.append(tuple(columns or ()))
+        return real(source, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(selection_task.pq, "read_table", spy)
+    pick_batch(_cfg(), "alges-img-kcenter", str(manifest), str(scores), seed=0)
+    assert seen and all(set(c) <= {"frame_id", "error", "alges_img"} and c for c in seen)
+
+
+def test_time_gap_keeps_a_batch_apart_in_each_video(tmp_path):
+    manifest, scores, _, _ = _run(tmp_path, video=True)
+    got = pick_batch(_cfg("selection.min_gap_s=10"), "entropy", str(manifest), str(scores), seed=0)
+    times = {}
+    for f in got["frame_id"]:
+        video, t = f.split("_")
+        times.setdefault(video, []).append(int(t))
+    for ts in times.values():
+        ts.sort()
+        assert all(b - a >= 10 for a, b in zip(ts, ts[1:]))
+    plain = pick_batch(_cfg(), "entropy", str(manifest), str(scores), seed=0)
+    assert plain["frame_id"] != got["frame_id"]
+
+
+def test_shard_count_follows_the_column_bytes_and_device_memory(tmp_path):
+    _, scores, ids, x = _run(tmp_path)
+    assert column_bytes(scores, "alges_img", 2) == len(ids) * x.shape[1] * 2
+    assert shards_needed(1000, 10_000) == 1
+    assert shards_needed(10_000, 10_000) == 2  # needs 1.5x headroom
+    assert shards_needed(40_000, 10_000) == 6
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["alges-img-kcenter", "alges-img"])
+def test_sharded_over_actors_picks_what_one_device_picks(ray_local, tmp_path, strategy):
+    manifest, scores, _, _ = _run(tmp_path)
+    one = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=5)
+    two = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=5, n_shards=2)
+    assert one["frame_id"] == two["frame_id"]
+    np.testing.assert_allclose(one["value"], two["value"], rtol=1e-6)
