@@ -31,7 +31,7 @@ from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, sc
 from alges_dist.distributed.training import initial_weights, train_model
 from alges_dist.evaluation import evaluate
 from alges_dist.models import load_model
-from alges_dist.handoff import collect_masks, write_batch
+from alges_dist.handoff import collect_masks, correction_summary, push_to_labelstudio, write_batch
 from alges_dist.run_folder import RunLayout, package_versions
 from alges_dist.selection import select
 from alges_dist.strategies import get_strategy, score_column
@@ -205,13 +205,26 @@ class Experiment(RunLayout):
     def label(self, strategy: str, seed: int, r: int) -> None:
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest(strategy, seed)
+        if self.cfg.loop.oracle == "labelstudio":
+            from alges_dist.annotation.labelstudio_api import client_from_env
+
+            write_batch(self.round_dir(strategy, seed, r), picks, manifest)
+            settings = self.cfg.labelstudio
+            pushed = push_to_labelstudio(self.cfg, self, strategy, seed, r, manifest,
+                                         client_from_env(settings.url, settings.token_env))
+            raise WaitingForLabels(
+                f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation in Label Studio "
+                f"project {pushed['project']!r} at {pushed['url']}. When all are annotated: alges label --out "
+                f"{self.out} --strategy {strategy} --seed {seed} --from labelstudio, and rerun this command"
+            )
         if self.cfg.loop.oracle == "human":
             sheet = write_batch(self.round_dir(strategy, seed, r), picks, manifest)
             raise WaitingForLabels(
                 f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation, listed in "
                 f"{sheet.with_suffix('.csv')} (contact sheet {sheet}). Save one mask per frame as "
                 f"FRAME_ID.png in a folder, then: alges label --out {self.out} --strategy {strategy} "
-                f"--seed {seed} --masks FOLDER, and rerun this command"
+                f"--seed {seed} --masks FOLDER (or export them for a tool: alges export --format "
+                f"labelstudio|cvat|coco, then alges label --from EXPORT), and rerun this command"
             )
         rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks)))
         missing = rows.filter(pc.is_null(rows["mask_uri"]))["frame_id"].to_pylist()
@@ -220,17 +233,21 @@ class Experiment(RunLayout):
         table = mark_labeled(manifest.table, picks, r + 1)
         write_manifest(table, self.manifest_path(strategy, seed), manifest.encoding)
 
+    def pending_round(self, strategy: str, seed: int) -> int:
+        """The round whose selection waits for labels; ValueError when there is none."""
+        pending = [r for r in range(self.cfg.loop.n_rounds)
+                   if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
+        if not pending:
+            raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
+        return pending[0]
+
     def import_labels(self, strategy: str, seed: int, masks: Path) -> int:
         """Label the pending round's picks with people's masks (``masks/FRAME_ID.png``).
 
         All or nothing (``handoff.collect_masks``): the masks are validated and copied into
         the round folder before the manifest changes. Returns the round.
         """
-        pending = [r for r in range(self.cfg.loop.n_rounds)
-                   if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
-        if not pending:
-            raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
-        r = pending[0]
+        r = self.pending_round(strategy, seed)
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest(strategy, seed)
         copies = collect_masks(picks, manifest, masks, self.round_dir(strategy, seed, r) / "labels")
@@ -280,6 +297,9 @@ class Experiment(RunLayout):
             "selection_seed": _round_seed(seed, r), "projection_seed": self.cfg.scoring.projection_seed,
             "versions": package_versions(),
         }
+        correction = correction_summary(self.round_dir(strategy, seed, r))
+        if correction is not None:  # people corrected the model's pre-annotations this round
+            record["correction"] = correction
         atomic_write_text(self.record_path(strategy, seed, r), json.dumps(record, indent=1))
 
     def write_outputs(self) -> None:
