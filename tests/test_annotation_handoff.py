@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -23,9 +24,13 @@ from annotation_fixtures import (
     labelstudio_export,
     picks_of,
 )
+from alges_dist.annotation import coco, cvat, labelstudio
 from alges_dist.annotation.codecs import brush_decode
 from alges_dist.annotation.cvat import label_names
 from alges_dist.annotation.pool_encoding import encode_class_ids
+from alges_dist.handoff import correction_summary
+from alges_dist.report import correction_table
+from alges_dist.run_folder import RunLayout
 from alges_dist.cli import main
 from alges_dist.data.frames import decode_mask, load_image, load_mask, normalize_images
 from alges_dist.data.manifest import MaskEncoding, read_manifest
@@ -143,6 +148,11 @@ def _import_edited(run, fmt, tmp_path):
         source = labelstudio_export(dest / "tasks.json", edited, names, tmp_path / "project-1-at-2026.json")
     elif fmt == "cvat":
         source = cvat_export_xml(edited, label_names(names), tmp_path / "annotations.xml")
+    elif fmt == "cvat-zip":  # "CVAT for images 1.1" as CVAT downloads it: annotations.xml in a zip
+        xml = cvat_export_xml(edited, label_names(names), tmp_path / "annotations.xml")
+        with zipfile.ZipFile(tmp_path / "task_1-cvat.zip", "w") as archive:
+            archive.write(xml, "annotations.xml")
+        source = tmp_path / "task_1-cvat.zip"
     elif fmt == "cvat-segmentation-mask":
         colours = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
                    for c in (label["color"] for label in json.loads((dest / "cvat_labels.json").read_text()))]
@@ -153,7 +163,7 @@ def _import_edited(run, fmt, tmp_path):
     return picks, pre, edited
 
 
-@pytest.mark.parametrize("fmt", ["labelstudio", "cvat", "cvat-segmentation-mask", "coco"])
+@pytest.mark.parametrize("fmt", ["labelstudio", "cvat", "cvat-zip", "cvat-segmentation-mask", "coco"])
 def test_edited_export_imports_the_edited_masks_and_the_correction_effort(run, fmt, tmp_path):
     picks, pre, edited = _import_edited(run, fmt, tmp_path)
     table, encoding = read_manifest(run.manifest_path(STRATEGY, 0))
@@ -205,3 +215,55 @@ def test_pool_encoding_inverse_decodes_back_to_the_class_ids(mode, seed):
         ids[0, 0] = encoding.ignore_index
         with pytest.raises(ValueError, match="ignored pixels"):
             encode_class_ids(ids, encoding)
+
+
+def _rectangle_regions(fmt):
+    """A 20 x 10 px rectangle (x 4..23, y 6..15, outline included) drawn as each tool writes polygons."""
+    x0, y0, x1, y1, h, w = 4, 6, 23, 15, 32, 40
+    if fmt == "labelstudio":
+        points = [[100 * x / w, 100 * y / h] for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+        task = [{"id": 1, "data": {"frame_id": "f"}, "annotations": [{"id": 2, "result": [{
+            "id": "p", "type": "polygonlabels", "from_name": "poly", "to_name": "image", "original_width": w,
+            "original_height": h, "image_rotation": 0, "value": {"points": points, "polygonlabels": ["fat"]}}]}]}]
+        found, problems = labelstudio.read_export(task, "export.json")
+    elif fmt == "cvat":
+        found, problems = cvat.read_xml(
+            f'<annotations><image id="0" name="f.png" width="{w}" height="{h}"><polygon label="fat" '
+            f'points="{x0},{y0};{x1},{y0};{x1},{y1};{x0},{y1}" z_order="0"/></image></annotations>', "a.xml")
+    else:
+        found, problems = coco.read_instances({
+            "images": [{"id": 3, "file_name": "f.jpg", "width": w, "height": h}],
+            "categories": [{"id": 3, "name": "fat"}],
+            "annotations": [{"id": 1, "image_id": 3, "category_id": 3, "iscrowd": 0,
+                             "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}]}, "c.json")
+    expected = np.zeros((h, w), bool)
+    expected[y0:y1 + 1, x0:x1 + 1] = True
+    return found, problems, expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_polygons_are_rasterized_with_their_outline(fmt):
+    found, problems, expected = _rectangle_regions(fmt)
+    assert problems == [] and [a.frame_id for a in found] == ["f"]
+    (region,) = found[0].regions
+    assert region.label == "fat"
+    np.testing.assert_array_equal(region.mask, expected)
+
+
+def test_correction_effort_is_summed_per_round_and_tabled_per_run(tmp_path):
+    layout = RunLayout(tmp_path)
+    round_dir = layout.round_dir("alges-img", 1, 2)
+    round_dir.mkdir(parents=True)
+    (round_dir / "correction.csv").write_text(
+        "frame_id,n_pixels,pixels_changed,fraction_changed,annotation_seconds\n"
+        "a,100,10,0.1,12.5\nb,300,60,0.2,\nc,100,0,0.0,7.5\n")
+    summary = correction_summary(round_dir)
+    assert summary == {"n_frames": 3, "n_pixels": 500, "pixels_changed": 70, "fraction_changed": 70 / 500,
+                       "annotation_seconds": 20.0, "n_frames_timed": 2}
+    assert correction_summary(layout.round_dir("alges-img", 1, 0)) is None  # no pre-annotated import there
+    layout.record_path("alges-img", 1, 2).write_text(json.dumps({"correction": summary}))
+    layout.record_path("alges-img", 1, 1).parent.mkdir(parents=True)
+    layout.record_path("alges-img", 1, 1).write_text(json.dumps({"dice": 0.5}))  # simulated oracle: no effort
+    (row,) = correction_table(tmp_path, ["random", "alges-img"], [0, 1], 3)
+    assert row == {"strategy": "alges-img", "seed": 1, "round": 2, "frames": 3, "pixels_changed": 70,
+                   "pct_changed": pytest.approx(14.0), "annotation_s": 20.0, "s_per_frame": 10.0}
