@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from alges_dist.annotation.labelstudio_api import LabelStudioError  # stdlib only: a server that refused
+
 log = logging.getLogger("alges_dist")
 FORMAT_NAMES = ("labelstudio", "cvat", "coco")  # alges_dist.annotation.formats.FORMATS (not imported: help stays fast)
 
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"ingest": _ingest, "label": _label, "export": _export, "report": _report}.get(args.command, _rounds)
         return handler(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, LabelStudioError) as exc:
         # Bad input: one clear line, not a traceback (-v shows the traceback).
         if args.verbose:
             raise

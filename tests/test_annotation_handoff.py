@@ -267,3 +267,10 @@ def test_correction_effort_is_summed_per_round_and_tabled_per_run(tmp_path):
     (row,) = correction_table(tmp_path, ["random", "alges-img"], [0, 1], 3)
     assert row == {"strategy": "alges-img", "seed": 1, "round": 2, "frames": 3, "pixels_changed": 70,
                    "pct_changed": pytest.approx(14.0), "annotation_s": 20.0, "s_per_frame": 10.0}
+
+
+def test_cli_lists_the_registered_formats():
+    from alges_dist import cli
+    from alges_dist.annotation.formats import FORMATS
+
+    assert cli.FORMAT_NAMES == FORMATS

@@ -116,3 +116,21 @@ def test_labelstudio_oracle_round_trip(ray_local, server, pending_run, monkeypat
     captured = capsys.readouterr()
     assert server.token not in captured.out + captured.err
     assert TOKEN_ENV in (out / "config.yaml").read_text()  # only the variable's name is kept
+
+
+def test_an_unreachable_server_is_one_clear_error_without_the_token(pending_run, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setenv(TOKEN_ENV, "tok-never-shown-123")
+    config = yaml.safe_load((pending_run.out / "config.yaml").read_text())
+    config["labelstudio"] = {"url": "http://127.0.0.1:9", "token_env": TOKEN_ENV, "project": PROJECT,
+                             "document_root": str(pending_run.out)}
+    (pending_run.out / "config.yaml").write_text(yaml.safe_dump(config))
+    label = ["label", "--out", str(pending_run.out), "--strategy", STRATEGY, "--from", "labelstudio"]
+    assert main(label) == 2  # never pushed: says so
+    assert "was not pushed to Label Studio" in capsys.readouterr().err
+    record = pending_run.round_dir(STRATEGY, 0, 0) / "labelstudio.json"
+    record.write_text(json.dumps({"project": PROJECT, "project_id": 1, "batch": "b"}))
+    assert main(label) == 2  # nothing listens on port 9: one line, no traceback, no token
+    err = capsys.readouterr().err
+    assert "did not answer GET /api/projects/1/export" in err and "tok-never-shown-123" not in err

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +29,6 @@ from alges_dist.annotation import coco, cvat, labelstudio
 from alges_dist.annotation.regions import FrameAnnotation
 from alges_dist.data.atomic import atomic_directory, atomic_path, atomic_write_text
 
-FORMATS = ("labelstudio", "cvat", "coco")
 EXPORT_RECORD = "alges_export.json"
 #: The files write_export makes: never read back as people's labels.
 EXPORT_FILES = ("tasks.json", "label_config.xml", "annotations.xml", "cvat_labels.json", "instances.json", EXPORT_RECORD)
@@ -95,6 +94,56 @@ def _readme(fmt: str, n_frames: int, batch: str, image_url_root: str | None) -> 
         "(RLE or polygons), then:\n\n") + back
 
 
+class _Batch(NamedTuple):
+    """What every format writes beside the frames."""
+
+    class_names: Sequence[str]
+    colours: Sequence[Sequence[int]]
+    model_version: str
+    key: str  # the batch's name in tools (alges_batch)
+    images_url: str  # Label Studio: the /data/local-files/?d= prefix of images/
+
+
+def _write_labelstudio(folder: Path, frames: Sequence[ExportFrame], names: list[str], batch: _Batch) -> None:
+    tasks = [labelstudio.task(
+        {"image": f"{batch.images_url}/{name}", "frame_id": f.frame_id, "pick_rank": f.pick_rank,
+         "acquisition": f.acquisition, "alges_batch": batch.key},
+        f.predicted, batch.class_names, model_version=batch.model_version) for f, name in zip(frames, names)]
+    atomic_write_text(folder / "tasks.json", json.dumps(tasks))
+    atomic_write_text(folder / "label_config.xml", labelstudio.label_config(batch.class_names, batch.colours))
+
+
+def _write_cvat(folder: Path, frames: Sequence[ExportFrame], names: list[str], batch: _Batch) -> None:
+    xml = cvat.annotations_xml([(n, f.predicted) for f, n in zip(frames, names)], batch.class_names, batch.colours)
+    atomic_write_text(folder / "annotations.xml", xml)
+    labels = [{"name": n, "color": labelstudio.hex_colour(c), "type": "mask", "attributes": []}
+              for n, c in zip(cvat.label_names(batch.class_names), batch.colours)]
+    atomic_write_text(folder / "cvat_labels.json", json.dumps(labels, indent=1))
+
+
+def _write_coco(folder: Path, frames: Sequence[ExportFrame], names: list[str], batch: _Batch) -> None:
+    doc = coco.instances([{"file_name": n, "frame_id": f.frame_id, "pick_rank": f.pick_rank,
+                           "acquisition": f.acquisition} for f, n in zip(frames, names)],
+                         [f.predicted for f in frames], batch.class_names, batch.colours)
+    atomic_write_text(folder / "instances.json", json.dumps(doc))
+
+
+class _Tool(NamedTuple):
+    write: Callable[[Path, Sequence[ExportFrame], list[str], _Batch], None]
+    read: Callable[[Path, bool], tuple[list[FrameAnnotation], list[str]]]  # (export, pick_latest)
+    label_names: Callable[[Sequence[str]], list[str]]  # the pool's class names as the tool spells them
+    unlabeled: frozenset[str]  # tool labels that mean "no label"
+
+
+_TOOLS: dict[str, _Tool] = {
+    "labelstudio": _Tool(_write_labelstudio, lambda p, latest: labelstudio.read_export_file(p, pick_latest=latest),
+                         list, frozenset()),
+    "cvat": _Tool(_write_cvat, lambda p, latest: cvat.read_export(p), cvat.label_names, frozenset({cvat.BACKGROUND})),
+    "coco": _Tool(_write_coco, lambda p, latest: coco.read_export_file(p), list, frozenset()),
+}
+FORMATS = tuple(_TOOLS)
+
+
 def write_export(frames: Sequence[ExportFrame], fmt: str, dest: Path, *, class_names: Sequence[str],
                  colours: Sequence[Sequence[int]], model_version: str, batch: str,
                  document_root: Path | None = None) -> Path:
@@ -106,38 +155,24 @@ def write_export(frames: Sequence[ExportFrame], fmt: str, dest: Path, *, class_n
     """
     check_format(fmt)
     dest = Path(dest)
+    root = Path(document_root) if document_root is not None else dest.parent
+    images_url = ""
+    if fmt == "labelstudio":
+        try:
+            images_url = f"/data/local-files/?d={(dest / 'images').resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            raise ValueError(f"export folder {dest} is not inside the Label Studio document root {root}") from None
+    names = [_image_name(f) for f in frames]
     if dest.exists():
         if not (dest / EXPORT_RECORD).is_file():
             raise FileExistsError(f"{dest} exists and is not an alges export; pick another folder")
         shutil.rmtree(dest)
-    root = Path(document_root) if document_root is not None else dest.parent
-    names = [_image_name(f) for f in frames]
+    info = _Batch(class_names, colours, model_version, batch, images_url)
     with atomic_directory(dest) as tmp:
         for frame, name in zip(frames, names):
             with atomic_path(tmp / "images" / name) as part:
                 shutil.copyfile(frame.image, part)
-        if fmt == "labelstudio":
-            try:
-                rel = (dest / "images").resolve().relative_to(root.resolve())
-            except ValueError:
-                raise ValueError(f"export folder {dest} is not inside the Label Studio document root {root}") from None
-            tasks = [labelstudio.task(
-                {"image": f"/data/local-files/?d={(rel / name).as_posix()}", "frame_id": f.frame_id,
-                 "pick_rank": f.pick_rank, "acquisition": f.acquisition, "alges_batch": batch},
-                f.predicted, class_names, model_version=model_version) for f, name in zip(frames, names)]
-            atomic_write_text(tmp / "tasks.json", json.dumps(tasks))
-            atomic_write_text(tmp / "label_config.xml", labelstudio.label_config(class_names, colours))
-        elif fmt == "cvat":
-            atomic_write_text(tmp / "annotations.xml",
-                              cvat.annotations_xml([(n, f.predicted) for f, n in zip(frames, names)], class_names, colours))
-            labels = [{"name": n, "color": labelstudio.hex_colour(c), "type": "mask", "attributes": []}
-                      for n, c in zip(cvat.label_names(class_names), colours)]
-            atomic_write_text(tmp / "cvat_labels.json", json.dumps(labels, indent=1))
-        else:
-            doc = coco.instances([{"file_name": n, "frame_id": f.frame_id, "pick_rank": f.pick_rank,
-                                   "acquisition": f.acquisition} for f, n in zip(frames, names)],
-                                 [f.predicted for f in frames], class_names, colours)
-            atomic_write_text(tmp / "instances.json", json.dumps(doc))
+        _TOOLS[fmt].write(tmp, frames, names, info)
         record = {"format": fmt, "batch": batch, "model_version": model_version, "class_names": list(class_names),
                   "picks": [{"pick_rank": f.pick_rank, "frame_id": f.frame_id, "acquisition": f.acquisition,
                              "image": f"images/{n}"} for f, n in zip(frames, names)]}
@@ -181,15 +216,9 @@ def read_annotations(source: Path, fmt: str | None, class_names: Sequence[str], 
         raise ValueError(f"{source} is the batch alges exported (the model's pre-annotations), not the tool's "
                          "export of people's labels; import what the tool exports after the frames were corrected")
     fmt = check_format(fmt) if fmt else detect_format(source)
-    if fmt == "labelstudio":
-        found, problems = labelstudio.read_export_file(source, pick_latest=pick_latest)
-    elif fmt == "cvat":
-        found, problems = cvat.read_export(source)
-    else:
-        found, problems = coco.read_export_file(source)
-    names = cvat.label_names(class_names) if fmt == "cvat" else list(class_names)
-    unlabeled = frozenset({cvat.BACKGROUND}) if fmt == "cvat" else frozenset()
-    return ToolLabels(found, problems, {n: i for i, n in enumerate(names)}, unlabeled)
+    tool = _TOOLS[fmt]
+    found, problems = tool.read(source, pick_latest)
+    return ToolLabels(found, problems, {n: i for i, n in enumerate(tool.label_names(class_names))}, tool.unlabeled)
 
 
 def class_colours(mode: str, class_map: dict[str, int], n_classes: int, palette: np.ndarray) -> list[tuple[int, int, int]]:
