@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _label(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
     from alges_dist import handoff
     from alges_dist.config import load_config
     from alges_dist.loop import Experiment, resolve_pool
@@ -129,6 +131,11 @@ def _label(args: argparse.Namespace) -> int:
     exp = Experiment(cfg, args.out, resolve_pool(cfg))
     if args.source is None:
         r = exp.import_labels(args.strategy, args.seed, args.masks)
+        manifest = exp.manifest(args.strategy, args.seed)
+        rows = manifest.table.filter(pc.equal(manifest.table["labeled_round"], r + 1))
+        mask_uris = dict(zip(rows["frame_id"].to_pylist(), rows["mask_uri"].to_pylist()))
+        handoff.write_correction(exp.round_dir(args.strategy, args.seed, r),
+                                 handoff.effort_of_masks(exp.round_dir(args.strategy, args.seed, r), mask_uris, manifest))
     else:  # an annotation tool's export: checked whole, re-encoded into the pool's encoding, then imported
         r, source, fmt = exp.pending_round(args.strategy, args.seed), Path(args.source), args.format
         if args.source == "labelstudio":

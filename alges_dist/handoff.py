@@ -287,6 +287,21 @@ def labels_from_export(layout: RunLayout, strategy: str, seed: int, r: int, mani
     return ConvertedLabels(dest, effort)
 
 
+def effort_of_masks(round_dir: Path, mask_uris: dict[str, str], manifest: Manifest) -> list[Any]:
+    """Correction effort of masks imported with ``--masks`` (pixels only: a folder reports no time);
+    empty when the batch was never exported with pre-annotations."""
+    from PIL import Image
+
+    from alges_dist.annotation.regions import correction_effort
+    from alges_dist.data.frames import load_mask
+
+    pre = Path(round_dir) / PREANNOTATIONS
+    if not all((pre / f"{f}.png").is_file() for f in mask_uris):
+        return []
+    return [correction_effort(f, load_mask(uri, manifest.encoding), np.array(Image.open(pre / f"{f}.png")))
+            for f, uri in mask_uris.items()]
+
+
 def write_correction(round_dir: Path, effort: list[Any]) -> None:
     """``ROUND/correction.csv``, once the labels are in the manifest (so it never describes a failed import)."""
     if not effort:

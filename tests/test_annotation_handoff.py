@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from annotation_fixtures import (
     STRATEGY,
@@ -274,3 +275,19 @@ def test_cli_lists_the_registered_formats():
     from alges_dist.annotation.formats import FORMATS
 
     assert cli.FORMAT_NAMES == FORMATS
+
+
+def test_masks_returned_as_files_after_an_export_also_record_the_correction_effort(run, tmp_path):
+    _export(run, "coco")
+    picks = picks_of(run)
+    pre = {f: np.array(Image.open(run.round_dir(STRATEGY, 0, 0) / "preannotations" / f"{f}.png")) for f in picks}
+    edited = edit(pre, 5)
+    (tmp_path / "masks").mkdir()
+    for f in picks:  # the demo pool's encoding is the identity: class ids are the mask values
+        Image.fromarray(edited[f]).save(tmp_path / "masks" / f"{f}.png")
+    assert main(["label", "--out", str(run.out), "--strategy", STRATEGY, "--masks", str(tmp_path / "masks")]) == 0
+    with open(run.round_dir(STRATEGY, 0, 0) / "correction.csv", newline="") as fh:
+        effort = {r["frame_id"]: r for r in csv.DictReader(fh)}
+    assert {f: int(effort[f]["pixels_changed"]) for f in picks} == {
+        f: int(np.count_nonzero(edited[f] != pre[f])) for f in picks}
+    assert all(effort[f]["annotation_seconds"] == "" for f in picks)  # a folder reports no time
