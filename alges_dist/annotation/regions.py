@@ -147,7 +147,7 @@ def resolve_labels(
             if unpainted == "refuse":
                 y, x = np.argwhere(holes)[0]
                 problems.append(f"{a.source}: frame {a.frame_id!r} has {int(holes.sum())} unpainted px (first at "
-                                f"x={x}, y={y}); paint them, or import with unpainted pixels as ignored")
+                                f"x={x}, y={y}); paint them (pools with an ignore value: --unpainted ignore)")
             ids[holes] = ignore_index
         out[a.frame_id] = ids.astype(np.uint8)
     raise_if(problems)
