@@ -10,8 +10,13 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu faiss-gpu-cu12)
 export HF_HUB_OFFLINE ?= 1
+# A real Label Studio for the annotation tests, in its own venv: its pins (Django, numpy,
+# pyarrow) clash with ours. Built on first use; if it cannot be built, those tests skip
+# and say why (the log stays in $(LS_VENV).log).
+LS_VENV       ?= .venv-ls
+LABEL_STUDIO  ?= label-studio==1.23.2
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install label-studio bench clean
 
 install: $(VENV)/.installed-$(FAISS_EXTRA)
 
@@ -29,7 +34,17 @@ $(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml
 demo: install
 	$(VENV)/bin/alges demo --out runs/demo
 
-test: install
+label-studio: $(LS_VENV)/.installed
+
+$(LS_VENV)/.installed:
+	@rm -f $(LS_VENV).log
+	@( test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV) ) >>$(LS_VENV).log 2>&1 \
+	  && $(LS_VENV)/bin/python -m pip install -q "$(LABEL_STUDIO)" >>$(LS_VENV).log 2>&1 \
+	  && $(LS_VENV)/bin/python -c "import label_studio, label_studio_sdk" >>$(LS_VENV).log 2>&1 \
+	  && touch $@ \
+	  || echo "$(LS_VENV) could not be built (see $(LS_VENV).log); the Label Studio tests will skip"
+
+test: install label-studio
 	$(PY) -m pytest
 
 bench: install

@@ -16,7 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+from alges_dist.annotation.labelstudio_api import LabelStudioError  # stdlib only: a server that refused
+
 log = logging.getLogger("alges_dist")
+FORMAT_NAMES = ("labelstudio", "cvat", "coco")  # alges_dist.annotation.formats.FORMATS (not imported: help stays fast)
 
 ROUND_COMMANDS = {
     "train": "train the model of the next pending round (Ray Train, DDP)",
@@ -96,17 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", type=Path, help="the run folder (--out of alges run)")
     report.add_argument("--metric", choices=["dice", "miou"], default="dice", help="metric of the AULC table")
     label = sub.add_parser(
-        "label", help="import people's masks for a run's pending query batch (loop.oracle: human)",
-        description="Set mask_uri and labeled_round for the picks of the pending round; every pick needs "
-        "MASKS/FRAME_ID.<ext>, decodable with the pool's encoding. Then rerun `alges run`.")
+        "label", help="import people's labels for a run's pending query batch (loop.oracle: human/labelstudio)",
+        description="Set mask_uri and labeled_round for the picks of the pending round, all or nothing: from "
+        "a folder of masks (MASKS/FRAME_ID.<ext>, in the pool's encoding) or from an annotation tool's export "
+        "(Label Studio JSON, CVAT XML/zip incl. Segmentation mask 1.1, COCO JSON; `labelstudio` pulls the "
+        "batch from the configured server). Then rerun `alges run`.")
     label.add_argument("--out", type=Path, required=True, help="the run folder")
-    label.add_argument("--masks", type=Path, required=True, help="folder of masks named FRAME_ID.png")
+    source = label.add_mutually_exclusive_group(required=True)
+    source.add_argument("--masks", type=Path, help="folder of masks named FRAME_ID.png")
+    source.add_argument("--from", dest="source", metavar="EXPORT",
+                        help="an annotation tool's export of the batch, or `labelstudio` (loop.oracle: labelstudio)")
     label.add_argument("--strategy", required=True, help="which strategy's batch")
     label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--format", choices=FORMAT_NAMES, help="the export's format (default: detected)")
+    label.add_argument("--pick", choices=["only", "latest"], default="only",
+                       help="frames with several annotations: refuse (only, default) or take the latest")
+    label.add_argument("--unpainted", choices=["ignore", "refuse"],
+                       help="pixels nobody painted: the pool's ignore value, or refuse the import "
+                       "(default: ignore when the pool's encoding has an ignore value)")
+    export = sub.add_parser(
+        "export", help="write the pending query batch for Label Studio, CVAT or COCO, with predicted masks",
+        description="Write the pending batch's frames, the masks predicted by the model that picked it (as "
+        "pre-annotations) and the class names/colours for an annotation tool, with a README on how to load it. "
+        "Bring the labels back with `alges label --from`.")
+    export.add_argument("--out", type=Path, required=True, help="the run folder")
+    export.add_argument("--strategy", required=True, help="which strategy's batch")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--format", choices=FORMAT_NAMES, required=True)
+    export.add_argument("--dest", type=Path, help="folder to write (default: RUN/STRATEGY/seed_S/round_RR/export_FORMAT)")
+    export.add_argument("--document-root", type=Path,
+                        help="labelstudio: the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the "
+                        "folder above --dest); image URLs are relative to it")
     return parser
 
 
 def _label(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from alges_dist import handoff
     from alges_dist.config import load_config
     from alges_dist.loop import Experiment, resolve_pool
     from alges_dist.run_folder import RunFolderLock
@@ -116,8 +146,48 @@ def _label(args: argparse.Namespace) -> int:
     with RunFolderLock(args.out, " ".join(args.argv)):
         _log_to(args.out, args.argv)
         cfg = load_config(args.out / "config.yaml")
-        r = Experiment(cfg, args.out, resolve_pool(cfg)).import_labels(args.strategy, args.seed, args.masks)
+        exp = Experiment(cfg, args.out, resolve_pool(cfg))
+        if args.source is None:
+            r = exp.import_labels(args.strategy, args.seed, args.masks)
+            manifest = exp.manifest(args.strategy, args.seed)
+            rows = manifest.table.filter(pc.equal(manifest.table["labeled_round"], r + 1))
+            mask_uris = dict(zip(rows["frame_id"].to_pylist(), rows["mask_uri"].to_pylist()))
+            handoff.write_correction(exp.round_dir(args.strategy, args.seed, r),
+                                     handoff.effort_of_masks(exp.round_dir(args.strategy, args.seed, r), mask_uris,
+                                                             manifest))
+        else:  # an annotation tool's export: checked whole, re-encoded into the pool's encoding, then imported
+            r, source, fmt = exp.pending_round(args.strategy, args.seed), Path(args.source), args.format
+            if args.source == "labelstudio":
+                from alges_dist.annotation.labelstudio_api import client_from_env
+
+                client = client_from_env(cfg.labelstudio.url, cfg.labelstudio.token_env)
+                source, fmt = handoff.pull_from_labelstudio(exp, args.strategy, args.seed, r, client), "labelstudio"
+            converted = handoff.labels_from_export(exp, args.strategy, args.seed, r,
+                                                   exp.manifest(args.strategy, args.seed), source, fmt=fmt,
+                                                   pick_latest=args.pick == "latest", unpainted=args.unpainted)
+            r = exp.import_labels(args.strategy, args.seed, converted.folder)
+            handoff.write_correction(exp.round_dir(args.strategy, args.seed, r), converted.effort)
     print(f"labeled round {r + 1} of {args.strategy}/seed {args.seed}; rerun `alges run` to continue")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from alges_dist.config import load_config
+    from alges_dist.handoff import export_batch
+    from alges_dist.loop import Experiment, resolve_pool
+
+    from alges_dist.run_folder import RunFolderLock
+
+    if not (args.out / "config.yaml").is_file():
+        raise FileNotFoundError(f"{args.out} is not a run folder: config.yaml is missing")
+    with RunFolderLock(args.out, " ".join(args.argv)):
+        _log_to(args.out, args.argv)
+        cfg = load_config(args.out / "config.yaml")
+        exp = Experiment(cfg, args.out, resolve_pool(cfg))
+        r = exp.pending_round(args.strategy, args.seed)
+        dest = export_batch(cfg, exp, args.strategy, args.seed, r, exp.manifest(args.strategy, args.seed),
+                            args.format, args.dest, document_root=args.document_root)
+    print(f"exported round {r} of {args.strategy}/seed {args.seed} for {args.format}: {dest} (see its README.md)")
     return 0
 
 
@@ -262,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         raise_on_signals()  # SIGTERM (a scheduler stopping the job) ends the command like Ctrl-C
     started, code = time.time(), 1
     try:
-        handler = {"ingest": _ingest, "label": _label, "report": _report}.get(args.command, _rounds)
+        handler = {"ingest": _ingest, "label": _label, "export": _export, "report": _report}.get(args.command, _rounds)
         code = handler(args)
         return code
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: Ray is shut down on the way out
@@ -274,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("interrupted%s during %s", cause, where)
         code = 130
         return code
-    except (*EXPECTED_ERRORS, StageFailed, RunFolderBusy) as exc:
+    except (*EXPECTED_ERRORS, StageFailed, RunFolderBusy, LabelStudioError) as exc:
         # Bad input or a failed check: one clear line, not a traceback (-v shows the traceback).
         if args.verbose:
             raise

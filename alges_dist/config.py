@@ -28,7 +28,7 @@ RESUMABLE_KEYS = frozenset({
     "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every",
     "scoring.batch_size", "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
     "selection.device", "selection.backend", "selection.shards",
-    "loop.strategies", "loop.seeds", "loop.n_rounds",
+    "loop.strategies", "loop.seeds", "loop.n_rounds", "labelstudio.*",
 })
 
 
@@ -142,7 +142,10 @@ class LoopConfig(_Section):
         0, description="Draws the initial labeled set, shared by every strategy and seed of the experiment."
     )
     budget: int = Field(8, ge=1, description="Frames queried per round.")
-    oracle: Literal["simulated", "human"] = "simulated"
+    oracle: Literal["simulated", "human", "labelstudio"] = Field(
+        "simulated", description="simulated: the pool's masks; human: stop for `alges label`; "
+        "labelstudio: push each batch to a Label Studio project, then stop for `alges label --from labelstudio`."
+    )
 
     @field_validator("strategies")
     @classmethod
@@ -169,6 +172,18 @@ def _no_repeats(values: list[Any]) -> list[Any]:
     return values
 
 
+class LabelStudioConfig(_Section):
+    """The Label Studio server of ``loop.oracle: labelstudio``; the token is never part of the config."""
+
+    url: str = Field("http://127.0.0.1:8080", description="The server's base URL.")
+    token_env: str = Field("LABEL_STUDIO_TOKEN", min_length=1,
+                           description="Name of the environment variable holding the API token.")
+    project: str = Field("alges", min_length=3, description="Project title (created when missing).")
+    document_root: str | None = Field(
+        None, description="The server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: batches are exported under "
+        "DOCUMENT_ROOT/alges/ so the server can show the frames.")
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -176,6 +191,14 @@ class Config(_Section):
     scoring: ScoringConfig = ScoringConfig()
     selection: SelectionConfig = SelectionConfig()
     loop: LoopConfig = LoopConfig()
+    labelstudio: LabelStudioConfig = LabelStudioConfig()
+
+    @model_validator(mode="after")
+    def _labelstudio_has_a_root(self) -> Config:
+        if self.loop.oracle == "labelstudio" and not self.labelstudio.document_root:
+            raise ValueError("loop.oracle=labelstudio needs labelstudio.document_root (the Label Studio server's "
+                             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, where batches are exported)")
+        return self
 
     def check_resources(self, resources: dict[str, float], *, use_gpu: bool) -> None:
         """Refuse what the Ray cluster can never schedule (Ray Train and Ray Data would wait forever)."""

@@ -9,24 +9,36 @@ a batch goes out and *which* round its labels belong to:
   candidate per frame), validates every one against its frame and the pool's encoding,
   and copies them into the run folder: nothing is imported unless all of them pass,
   and later changes to the annotators' folder cannot change the labels;
-- :func:`contact_sheet` / :func:`predict_masks` are shared with the report.
+- :func:`contact_sheet` / :func:`predict_masks` are shared with the report;
+- :func:`export_batch` writes the batch for Label Studio, CVAT or COCO with the model's
+  masks as pre-annotations (kept in ``preannotations/`` for the correction effort);
+- :func:`labels_from_export` checks a tool's export of the whole batch and turns it into
+  masks in the pool's encoding (then ``collect_masks`` imports them as any returned masks);
+- :func:`push_to_labelstudio` / :func:`pull_from_labelstudio` do the same through a Label
+  Studio server (``loop.oracle: labelstudio``).
+
+The formats themselves live in :mod:`alges_dist.annotation`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
+import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.atomic import atomic_directory, atomic_path, atomic_write_text
 from alges_dist.data.manifest import Manifest
+from alges_dist.run_folder import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +176,205 @@ def collect_masks(picks: list[str], manifest: Manifest, masks: Path, dest: Path)
     shutil.rmtree(dest, ignore_errors=True)  # an earlier import that never reached the manifest
     staging.rename(dest)
     return {f: str((dest / f"{f}{src.suffix.lower()}").resolve()) for f, src in found.items()}
+
+
+# ---- annotation tools: export with pre-annotations, import of their exports ---------------------------
+PREANNOTATIONS = "preannotations"  # round folder: the model's class ids per pick, native size (PNG)
+CORRECTION_CSV = "correction.csv"  # round folder: per imported frame, pixels people changed
+LABELSTUDIO_RECORD = "labelstudio.json"  # round folder: where the batch was pushed (never the token)
+
+
+def _picks(layout: RunLayout, strategy: str, seed: int, r: int) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(layout.selection_path(strategy, seed, r)).sort_by("pick_rank")
+
+
+def batch_key(layout: RunLayout, strategy: str, seed: int, r: int) -> str:
+    """A batch's name in tools: run folder name + a hash of its path, strategy, seed, round."""
+    run = layout.out.resolve()
+    return f"{run.name}-{hashlib.sha1(str(run).encode()).hexdigest()[:8]}/{strategy}/seed_{seed}/round_{r:02d}"
+
+
+def preannotations(cfg: Any, layout: RunLayout, strategy: str, seed: int, r: int,
+                   images: dict[str, str]) -> dict[str, np.ndarray]:
+    """The model's class ids ``(H, W)`` uint8 at each frame's native size, predicted once by the
+    model that picked the batch and kept in the round folder (the correction effort compares to them)."""
+    from PIL import Image
+
+    folder = layout.round_dir(strategy, seed, r) / PREANNOTATIONS
+    missing = [f for f in images if not (folder / f"{f}.png").is_file()]
+    if missing:
+        model = layout.model_path(strategy, seed, r)
+        for frame_id, ids in zip(missing, predict_masks(model, cfg, [images[f] for f in missing], None)):
+            with atomic_path(folder / f"{frame_id}.png") as tmp:
+                Image.fromarray(ids.astype(np.uint8)).save(tmp, format="PNG")
+    return {f: np.array(Image.open(folder / f"{f}.png")) for f in images}
+
+
+def export_batch(cfg: Any, layout: RunLayout, strategy: str, seed: int, r: int, manifest: Manifest, fmt: str,
+                 dest: Path | None = None, *, document_root: Path | None = None) -> Path:
+    """Write round ``r``'s query batch for an annotation tool (``fmt``: labelstudio, cvat, coco)."""
+    from alges_dist.annotation.formats import ExportFrame, check_format, class_colours, write_export
+
+    check_format(fmt)
+    table = _picks(layout, strategy, seed, r)
+    picks = table["frame_id"].to_pylist()
+    images = batch_images(layout.round_dir(strategy, seed, r), picks, manifest)
+    predicted = preannotations(cfg, layout, strategy, seed, r, images)
+    frames = [ExportFrame(f, int(rank), None if value is None or math.isnan(value) else float(value),
+                          Path(images[f]), predicted[f])
+              for f, rank, value in zip(picks, table["pick_rank"].to_pylist(), table["value"].to_pylist())]
+    enc = manifest.encoding
+    dest = Path(dest) if dest is not None else layout.round_dir(strategy, seed, r) / f"export_{fmt}"
+    out = write_export(frames, fmt, dest, class_names=enc.class_names,
+                       colours=class_colours(enc.mode, enc.class_map, enc.n_classes, PALETTE),
+                       model_version=f"alges {strategy} seed {seed} round {r}",
+                       batch=batch_key(layout, strategy, seed, r), document_root=document_root)
+    log.info("exported %d frames of %s/seed %d round %d for %s: %s", len(frames), strategy, seed, r, fmt, out)
+    return out
+
+
+class ConvertedLabels(NamedTuple):
+    """A tool's labels as masks in the pool's encoding, and how much they differ from the pre-annotations."""
+
+    folder: Path  # FRAME_ID.png per pick, for collect_masks
+    effort: list[Any]  # regions.CorrectionEffort per pick; empty when the batch had no pre-annotations
+
+
+def labels_from_export(layout: RunLayout, strategy: str, seed: int, r: int, manifest: Manifest, source: Path, *,
+                       fmt: str | None = None, pick_latest: bool = False,
+                       unpainted: str | None = None) -> ConvertedLabels:
+    """Check a tool's export of round ``r``'s batch and write its labels as masks in the pool's
+    encoding (``ROUND/annotations/FRAME_ID.png``), ready for ``collect_masks``.
+
+    Everything is checked before anything is written; errors name the frame and the file.
+    ``unpainted``: "ignore" (pixels nobody painted get the pool's ignore value) or
+    "refuse"; default: "ignore" when the pool's encoding has an ignore value.
+    """
+    from PIL import Image
+
+    from alges_dist.annotation.formats import read_annotations
+    from alges_dist.annotation.pool_encoding import encode_class_ids, ignore_value
+    from alges_dist.annotation.regions import correction_effort, resolve_labels
+
+    enc = manifest.encoding
+    if unpainted not in (None, "ignore", "refuse"):
+        raise ValueError(f"unpainted must be 'ignore' or 'refuse', got {unpainted!r}")
+    if unpainted == "ignore" and ignore_value(enc) is None:
+        raise ValueError("unpainted pixels cannot be ignored: the pool's mask encoding has no ignore value")
+    policy = unpainted or ("ignore" if ignore_value(enc) is not None else "refuse")
+    picks = _picks(layout, strategy, seed, r)["frame_id"].to_pylist()
+    round_dir = layout.round_dir(strategy, seed, r)
+    images = batch_images(round_dir, picks, manifest)
+    sizes = {f: Image.open(images[f]).size[::-1] for f in picks}  # (height, width) of what people saw
+    tool = read_annotations(Path(source), fmt, enc.class_names, pick_latest=pick_latest)
+    labels = resolve_labels(tool.annotations, picks, sizes, tool.class_of, unlabeled=tool.unlabeled,
+                            unpainted=policy, ignore_index=enc.ignore_index, problems=tool.problems,
+                            source=str(source))
+    encoded = {f: encode_class_ids(ids, enc) for f, ids in labels.items()}  # raises before any write
+    dest = round_dir / "annotations"
+    shutil.rmtree(dest, ignore_errors=True)  # an earlier import that never reached the manifest
+    with atomic_directory(dest) as tmp:
+        for frame_id, values in encoded.items():
+            with atomic_path(tmp / f"{frame_id}.png") as part:
+                Image.fromarray(values).save(part, format="PNG")
+    pre, effort = round_dir / PREANNOTATIONS, []
+    if all((pre / f"{f}.png").is_file() for f in picks):
+        seconds = {a.frame_id: a.seconds for a in tool.annotations}
+        effort = [correction_effort(f, labels[f], np.array(Image.open(pre / f"{f}.png")), seconds.get(f))
+                  for f in picks]
+    return ConvertedLabels(dest, effort)
+
+
+def effort_of_masks(round_dir: Path, mask_uris: dict[str, str], manifest: Manifest) -> list[Any]:
+    """Correction effort of masks imported with ``--masks`` (pixels only: a folder reports no time);
+    empty when the batch was never exported with pre-annotations."""
+    from PIL import Image
+
+    from alges_dist.annotation.regions import correction_effort
+    from alges_dist.data.frames import load_mask
+
+    pre = Path(round_dir) / PREANNOTATIONS
+    if not all((pre / f"{f}.png").is_file() for f in mask_uris):
+        return []
+    return [correction_effort(f, load_mask(uri, manifest.encoding), np.array(Image.open(pre / f"{f}.png")))
+            for f, uri in mask_uris.items()]
+
+
+def write_correction(round_dir: Path, effort: list[Any]) -> None:
+    """``ROUND/correction.csv``, once the labels are in the manifest (so it never describes a failed import)."""
+    if not effort:
+        return
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["frame_id", "n_pixels", "pixels_changed", "fraction_changed", "annotation_seconds"])
+    writer.writerows((csv_cell(e.frame_id), e.n_pixels, e.pixels_changed, f"{e.fraction_changed:.6f}",
+                      "" if e.annotation_seconds is None else e.annotation_seconds) for e in effort)
+    atomic_write_text(Path(round_dir) / CORRECTION_CSV, buf.getvalue())
+
+
+def correction_summary(round_dir: Path) -> dict[str, Any] | None:
+    """The round's correction effort summed over its imported frames (None: no pre-annotated import)."""
+    path = Path(round_dir) / CORRECTION_CSV
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    timed = [float(r["annotation_seconds"]) for r in rows if r["annotation_seconds"]]
+    n_pixels = sum(int(r["n_pixels"]) for r in rows)
+    changed = sum(int(r["pixels_changed"]) for r in rows)
+    return {"n_frames": len(rows), "n_pixels": n_pixels, "pixels_changed": changed,
+            "fraction_changed": changed / n_pixels if n_pixels else 0.0,
+            "annotation_seconds": sum(timed) if timed else None, "n_frames_timed": len(timed)}
+
+
+def push_to_labelstudio(cfg: Any, layout: RunLayout, strategy: str, seed: int, r: int, manifest: Manifest,
+                        client: Any) -> dict[str, Any]:
+    """Put round ``r``'s batch into the Label Studio project of ``cfg.labelstudio`` (once).
+
+    The frames and tasks are exported under ``labelstudio.document_root`` (the server's
+    local-files root), a local-files storage is added for them, and the tasks are imported
+    with the model's masks as predictions. Returns the record kept in the round folder.
+    """
+    from alges_dist.annotation.labelstudio import label_names_of_config
+
+    record_path = layout.round_dir(strategy, seed, r) / LABELSTUDIO_RECORD
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    settings = cfg.labelstudio
+    key = batch_key(layout, strategy, seed, r)
+    root = Path(settings.document_root)
+    dest = export_batch(cfg, layout, strategy, seed, r, manifest, "labelstudio", root / "alges" / key,
+                        document_root=root)
+    config = (dest / "label_config.xml").read_text()
+    project_id = client.project_id(settings.project, config)
+    theirs = label_names_of_config(client.label_config(project_id))
+    if theirs != label_names_of_config(config):
+        raise ValueError(f"Label Studio project {settings.project!r} labels {sorted(theirs)}, the pool's classes are "
+                         f"{sorted(label_names_of_config(config))}; set labelstudio.project to another project")
+    client.ensure_local_storage(project_id, str((dest / "images").resolve()), title=f"alges {key}")
+    there = [t for t in client.export_tasks(project_id) if (t.get("data") or {}).get("alges_batch") == key]
+    if not there:  # a push cut short after the import must not add the tasks twice
+        client.import_tasks(project_id, json.loads((dest / "tasks.json").read_text()))
+    record = {"url": client.url, "project": settings.project, "project_id": project_id, "batch": key,
+              "n_tasks": len(json.loads((dest / "tasks.json").read_text())), "export": str(dest)}
+    atomic_write_text(record_path, json.dumps(record, indent=1))
+    log.info("pushed %d frames to Label Studio project %r (id %d) at %s", record["n_tasks"], settings.project,
+             project_id, client.url)
+    return record
+
+
+def pull_from_labelstudio(layout: RunLayout, strategy: str, seed: int, r: int, client: Any) -> Path:
+    """Download the Label Studio export of round ``r``'s tasks into the round folder; returns the file."""
+    record_path = layout.round_dir(strategy, seed, r) / LABELSTUDIO_RECORD
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path} does not exist: round {r} of {strategy}/seed {seed} was not pushed "
+                                "to Label Studio (run `alges run` with loop.oracle: labelstudio first)")
+    record = json.loads(record_path.read_text())
+    tasks = [t for t in client.export_tasks(record["project_id"])
+             if (t.get("data") or {}).get("alges_batch") == record["batch"]]
+    path = layout.round_dir(strategy, seed, r) / "labelstudio_export.json"
+    atomic_write_text(path, json.dumps(tasks))
+    log.info("pulled %d tasks of %s from Label Studio project %r", len(tasks), record["batch"], record["project"])
+    return path

@@ -33,7 +33,7 @@ from alges_dist.data.manifest import read_manifest
 from alges_dist.data.rounds import count_labeled, draw_initial_set, label_frames, labeled_in_round, pool_summary
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
-from alges_dist.handoff import collect_masks, write_batch
+from alges_dist.handoff import collect_masks, correction_summary, push_to_labelstudio, write_batch
 from alges_dist.run_folder import RunLayout, check_settings, fingerprint, forced_changes, package_versions
 from alges_dist.strategies import get_strategy, score_column
 
@@ -135,6 +135,10 @@ class Experiment(RunLayout):
                 shutil.copyfile(self.initial_manifest(), tmp)
         return path
 
+    def manifest(self, strategy: str, seed: int):
+        """This run's manifest, read whole: for the hand-off to people (a batch at a time), not the stages."""
+        return read_manifest(self.manifest_file(strategy, seed))
+
     def stage_done(self, stage: str, strategy: str, seed: int, r: int) -> bool:
         if stage == "train":
             return self.model_path(strategy, seed, r).exists()
@@ -227,17 +231,39 @@ class Experiment(RunLayout):
     def label(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest_file(strategy, seed)
+        if self.cfg.loop.oracle == "labelstudio":
+            from alges_dist.annotation.labelstudio_api import client_from_env
+
+            table = read_manifest(manifest)
+            write_batch(self.round_dir(strategy, seed, r), picks, table)
+            settings = self.cfg.labelstudio
+            pushed = push_to_labelstudio(self.cfg, self, strategy, seed, r, table,
+                                         client_from_env(settings.url, settings.token_env))
+            raise WaitingForLabels(
+                f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation in Label Studio "
+                f"project {pushed['project']!r} at {pushed['url']}. When all are annotated: alges label --out "
+                f"{self.out} --strategy {strategy} --seed {seed} --from labelstudio, and rerun this command"
+            )
         if self.cfg.loop.oracle == "human":
             sheet = write_batch(self.round_dir(strategy, seed, r), picks, read_manifest(manifest))
             raise WaitingForLabels(
                 f"round {r} of {strategy}/seed {seed}: {len(picks)} frames await annotation, listed in "
                 f"{sheet.with_suffix('.csv')} (contact sheet {sheet}). Save one mask per frame as "
                 f"FRAME_ID.png in a folder, then: alges label --out {self.out} --strategy {strategy} "
-                f"--seed {seed} --masks FOLDER, and rerun this command"
+                f"--seed {seed} --masks FOLDER (or export them for a tool: alges export --format "
+                f"labelstudio|cvat|coco, then alges label --from EXPORT), and rerun this command"
             )
         # simulated oracle: the pool's own masks (checked to exist before the run started)
         n_labeled, _ = on_worker(label_frames, str(manifest.resolve()), picks, r + 1)
         return {"n_labeled": n_labeled}
+
+    def pending_round(self, strategy: str, seed: int) -> int:
+        """The round whose selection waits for labels; ValueError when there is none."""
+        pending = [r for r in range(self.cfg.loop.n_rounds)
+                   if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
+        if not pending:
+            raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
+        return pending[0]
 
     def import_labels(self, strategy: str, seed: int, masks: Path) -> int:
         """Label the pending round's picks with people's masks (``masks/FRAME_ID.png``).
@@ -245,11 +271,7 @@ class Experiment(RunLayout):
         All or nothing (``handoff.collect_masks``): the masks are validated and copied into
         the round folder before the manifest changes. Returns the round.
         """
-        pending = [r for r in range(self.cfg.loop.n_rounds)
-                   if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
-        if not pending:
-            raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
-        r = pending[0]
+        r = self.pending_round(strategy, seed)
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest_file(strategy, seed)
         copies = collect_masks(picks, read_manifest(manifest), masks, self.round_dir(strategy, seed, r) / "labels")
@@ -306,6 +328,9 @@ class Experiment(RunLayout):
             "selection_seed": _round_seed(seed, r), "projection_seed": self.cfg.scoring.projection_seed,
             "versions": package_versions(),
         }
+        correction = correction_summary(self.round_dir(strategy, seed, r))
+        if correction is not None:  # people corrected the model's pre-annotations this round
+            record["correction"] = correction
         atomic_write_text(self.record_path(strategy, seed, r), json.dumps(record, indent=1))
 
     def write_outputs(self) -> None:

@@ -234,6 +234,26 @@ def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path) -> list[tuple
     return sheets
 
 
+def correction_table(run: Path, strategies: Sequence[str], seeds: Sequence[int], n_rounds: int) -> list[dict[str, Any]]:
+    """Per (strategy, seed, round) whose labels people corrected from the model's masks: frames,
+    share of pixels changed and the annotation time the tool reported (record.json's ``correction``)."""
+    import json
+
+    layout, rows = RunLayout(run), []
+    for strategy in strategies:
+        for seed in seeds:
+            for r in range(n_rounds + 1):
+                path = layout.record_path(strategy, seed, r)
+                c = json.loads(path.read_text()).get("correction") if path.exists() else None
+                if c:
+                    seconds = c["annotation_seconds"]
+                    rows.append({"strategy": strategy, "seed": seed, "round": r, "frames": c["n_frames"],
+                                 "pixels_changed": c["pixels_changed"], "pct_changed": 100 * c["fraction_changed"],
+                                 "annotation_s": float("nan") if seconds is None else seconds,
+                                 "s_per_frame": float("nan") if seconds is None else seconds / c["n_frames_timed"]})
+    return rows
+
+
 def _img_tag(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}" style="max-width:100%">'
@@ -300,6 +320,11 @@ def write_report(run: Path, metric: str = "dice") -> Path:
     if sheets:
         parts.append("<h2>Last query batch</h2>")
         parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
+    effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
+    if effort:
+        write_csv(effort, out / "correction.csv")
+        parts.append("<h2>Correction effort</h2><p>Pixels annotators changed in the model's pre-annotations, "
+                     "and the annotation time the tool reported (blank: not reported).</p>" + _html_table(effort))
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))
     log.info("report: %s", out / "report.html")

@@ -56,3 +56,24 @@ def demo_manifest(tmp_path_factory) -> Path:
     from alges_dist.data.demo import demo_pool
 
     return demo_pool(tmp_path_factory.mktemp("demo_cache"), seed=0, n_videos=4, frames_per_video=12, size=64)
+
+
+@pytest.fixture(scope="session")
+def pending_run_template(demo_manifest, tmp_path_factory) -> Path:
+    """A run folder on the demo pool whose round-0 batch waits for labels (built without Ray)."""
+    from annotation_fixtures import pending_run
+
+    out = tmp_path_factory.mktemp("annotation") / "run"
+    pending_run(demo_manifest, out)
+    return out
+
+
+@pytest.fixture
+def pending_run(pending_run_template, tmp_path):
+    """A fresh copy of ``pending_run_template`` (an Experiment) for one test."""
+    import shutil
+
+    from annotation_fixtures import reopen
+
+    shutil.copytree(pending_run_template, tmp_path / "run")
+    return reopen(tmp_path / "run")
