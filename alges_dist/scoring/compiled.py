@@ -54,11 +54,12 @@ def chunk_scores(
     grad_conv, sem, frame_means, has_nan = _compiled_pixel_terms()(
         logits, z, kernel_size, upsample, terms, pixel_weights
     )
+    # (n, K, C_in, kh, kw): one cuDNN weight-gradient on CUDA, queued before the NaN test
+    # waits for the device
+    weight_grad = head_weight_gradient(grad_conv, z.float(), kernel_size)
     if has_nan.any():
         frames = (has_nan.nonzero().flatten() + first_frame).tolist()
         raise ValueError(f"NaN logits in frames {frames} of the batch: no pseudo-label there")
-    # (n, K, C_in, kh, kw): one cuDNN weight-gradient on CUDA
-    weight_grad = head_weight_gradient(grad_conv, z.float(), kernel_size)
     return chunk_outputs(weight_grad, sem, frame_means)
 
 
