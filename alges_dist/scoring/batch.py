@@ -175,7 +175,7 @@ def resolve_math_path(math_path: str, device: torch.device) -> str:
         raise ValueError(f"math_path must be one of {MATH_PATHS}, got {math_path!r}")
     if math_path != "auto":
         return math_path
-    return "compiled" if device.type == "cuda" and compiled.compiler_available(device) else "eager"
+    return "compiled" if device.type == "cuda" and compiled.triton_available() else "eager"
 
 
 def head_scores(

@@ -28,12 +28,10 @@ from alges_dist.scoring.closed_form import chunk_outputs
 from alges_dist.scoring.input_norms import NormTerm, inner_product_maps
 
 
-def compiler_available(device: torch.device) -> bool:
-    """Whether torch.compile's default backend can build kernels for device without
-    trying: CUDA needs Triton; the CPU needs a C++ compiler (not checked here)."""
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return device.type == "cpu"
+def triton_available() -> bool:
+    """Whether torch.compile's default backend (inductor) can build CUDA kernels: it
+    writes them in Triton (on the CPU it writes C++ and needs a C++ compiler instead)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def chunk_scores(
