@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--math-paths", nargs="+", default=["auto"], choices=list(MATH_PATHS),
                         help="score_batch math_path values to time, each as its own (b) row")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory runs")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True for every method (autotuned convolutions)")
     parser.add_argument("--profile", action="store_true",
                         help="print the top kernels of one score_batch call per math path")
     parser.add_argument("--json", help="also write the results to this file")
@@ -132,6 +134,7 @@ def synchronize(device: torch.device) -> None:
 def setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     """The model, a batch, and the three methods as no-argument callables."""
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     with torch.random.fork_rng(devices=[]):
@@ -242,7 +245,7 @@ def main() -> None:
     print(
         f"{args.arch}-{args.encoder}, {args.classes} classes, {args.size}x{args.size}, "
         f"batch {args.batch}, {where}, autocast {args.autocast}, torch {torch.__version__}, "
-        f"best of {args.iters} rounds\n"
+        f"cudnn.benchmark {args.cudnn_benchmark}, best of {args.iters} rounds\n"
     )
     cpu = {method: min(times) for method, times in cpu_seconds.items()}
     print("| method | s / batch | frames/s | CPU s / batch | peak memory (MiB) |")

@@ -200,6 +200,26 @@ def test_grouped_conv_weight_gradient_equals_the_per_tap_matmuls():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_conv_weight_gradient_turns_tf32_off_and_keeps_the_callers_cudnn_settings(
+    monkeypatch,
+):
+    seen = {}
+    conv2d_weight = torch.nn.grad.conv2d_weight
+
+    def recording(*args, **kwargs):
+        cudnn = torch.backends.cudnn
+        seen.update(tf32=cudnn.allow_tf32, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+        return conv2d_weight(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", recording)
+    gen = torch.Generator().manual_seed(22)
+    grad_conv, z = torch.randn(2, 3, 6, 5, generator=gen), torch.randn(2, 4, 6, 5, generator=gen)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=True, allow_tf32=True):
+        alges_img.head_weight_gradient_grouped_conv(grad_conv, z, (3, 3))
+        assert torch.backends.cudnn.allow_tf32  # restored after the call
+    assert seen == {"tf32": False, "benchmark": True, "deterministic": True}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("math_path", ["eager", "compiled"])

@@ -94,12 +94,21 @@ def head_weight_gradient_grouped_conv(
     For the GPU: there each tap's bmm reduces h*w terms into a K x C block, a shape that
     leaves most of the device idle (Unet at 224 px on an H100: 1.5 ms per tap, 64% of
     score_batch), while cuDNN's weight-gradient kernels split that reduction. TF32 is
-    off for the call, so the sums stay float32 like the bmm path.
+    off for the call, so the sums stay float32 like the bmm path; the caller's other
+    cuDNN settings (benchmark, deterministic) hold (`cudnn.flags` resets any it is not
+    given).
     """
     n, n_classes, height, width = grad_conv.shape
     n_inputs = z.shape[1]
     kh, kw = kernel_size
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(
+        enabled=True,
+        benchmark=cudnn.benchmark,
+        benchmark_limit=cudnn.benchmark_limit,
+        deterministic=cudnn.deterministic,
+        allow_tf32=False,
+    ):
         grad = torch.nn.grad.conv2d_weight(
             z.reshape(1, n * n_inputs, height, width),  # image i's channels form group i
             (n * n_classes, n_inputs, kh, kw),
