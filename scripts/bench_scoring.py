@@ -270,7 +270,8 @@ def main() -> None:
     if args.json:
         record = {
             "arch": args.arch, "encoder": args.encoder, "batch": args.batch, "size": args.size,
-            "autocast": args.autocast, "device": where, "torch": torch.__version__,
+            "autocast": args.autocast, "cudnn_benchmark": args.cudnn_benchmark, "device": where,
+            "torch": torch.__version__,
             "labels": names,
             "math_paths": {path: resolve_math_path(path, device) for path in args.math_paths},
             "fps": fps, "peak_mib": {m: None if p is None else p / 2**20 for m, p in peaks.items()},

@@ -71,6 +71,15 @@ timeout "$(cap 110 10)" "$PY" scripts/bench_selection_archive.py --device "$DEVI
   2>&1 | tee "$OUT/selection_archive.md"
 echo "bench_selection_archive: exit status ${PIPESTATUS[0]}"
 
+if [ $((BUDGET - SECONDS)) -gt $((90 * SLOWER)) ]; then
+  step "extra, as time allows: Unet fp32 with cudnn.benchmark (autotuned convolutions, the grouped weight-gradient too)"
+  # shellcheck disable=SC2086
+  timeout "$(cap 70 10)" "$PY" scripts/bench_scoring.py --device "$DEVICE" --arch unet $SCORING_SIZE \
+    --autocast none --math-paths eager compiled --cudnn-benchmark --skip-memory \
+    --json "$JSON/scoring_unet_none_cudnn_benchmark.json" 2>&1 | grep --line-buffered -v "^USDT" | tee -a "$OUT/scoring.md"
+  echo "bench_scoring unet none cudnn.benchmark: exit status ${PIPESTATUS[0]}"
+fi
+
 step "tables for the README"
 "$PY" scripts/gpu_report.py "$JSON" --out "$OUT/results.json" | tee "$OUT/report.md"
 grep -E "passed|failed|error" "$OUT/tests_gpu.log" | tail -1

@@ -26,7 +26,8 @@ def scoring_table(records: list[dict]) -> str:
     for r in records:
         fps = r["fps"]
         scored = [fps.get(f"scored:{path}") for path in paths]
-        cells = [f"{ARCH_NAMES.get(r['arch'], r['arch'])}-{r['encoder']}, {AUTOCAST_NAMES[r['autocast']]}",
+        model = f"{ARCH_NAMES.get(r['arch'], r['arch'])}-{r['encoder']}, {AUTOCAST_NAMES[r['autocast']]}"
+        cells = [model + (", cudnn.benchmark" if r.get("cudnn_benchmark") else ""),
                  f"{fps['plain']:.0f}", *[_number(v, "{:.0f}") for v in scored], f"{fps['released']:.0f}",
                  *[_number(None if v is None else v / fps["plain"], "{:.2f}") for v in scored],
                  *[_number(None if v is None else v / fps["released"], "{:.1f}") for v in scored]]
@@ -58,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     scoring = [json.loads(p.read_text()) for p in args.folder.glob("scoring_*.json")]
     scoring.sort(key=lambda r: (list(ARCH_NAMES).index(r["arch"]) if r["arch"] in ARCH_NAMES else len(ARCH_NAMES),
-                                r["arch"], list(AUTOCAST_NAMES).index(r["autocast"])))
+                                r["arch"], list(AUTOCAST_NAMES).index(r["autocast"]), bool(r.get("cudnn_benchmark"))))
     selection_file = args.folder / "selection_archive.json"
     selection = json.loads(selection_file.read_text()) if selection_file.exists() else None
     if scoring:
