@@ -107,6 +107,9 @@ class ScoringConfig(_Section):
     projection_dim: int | None = Field(None, ge=1, description="Random projection of alges_img (JL); null = off.")
     projection_seed: int = 0
     autocast: Literal["none", "bf16", "fp16"] = "none"
+    math_path: Literal["auto", "eager", "compiled"] = Field(
+        "auto", description="score_batch's math: auto = torch.compile'd on CUDA (Triton), eager elsewhere."
+    )
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Fail the job past this share of undecodable frames.")
 
 

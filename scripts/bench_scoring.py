@@ -2,7 +2,8 @@
 
 Issue 3's table, same model, batch, resolution and device, in one process:
   (a) plain forward inference (torch.inference_mode),
-  (b) alges_dist.scoring.score_batch with every output (projection included),
+  (b) alges_dist.scoring.score_batch with every output (projection included), one row
+      per --math-paths entry (eager: the in-place CPU-tuned math; compiled: torch.compile),
   (c) the released ALGES approach: per image forward, pseudo-label cross-entropy,
       backward through the whole network, read the head weight's gradient, zero grads
       (in eval mode, as score_batch).
@@ -21,12 +22,16 @@ OMP_WAIT_POLICY=PASSIVE, and read the CPU-time ratios printed last.
     python scripts/bench_scoring.py                       # Unet-resnet18 224x224 b16, CPU
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_scoring.py --iters 5   # a shared CPU
     python scripts/bench_scoring.py --device cuda --batch 64 --autocast bf16
+    python scripts/bench_scoring.py --device cuda --batch 32 --math-paths eager compiled --profile
+--json FILE also writes the numbers (scripts/gpu_report.py turns such files into the README
+tables); --profile prints the kernels that take the device's time in one score_batch call.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import resource
 import subprocess
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from alges_dist.models import build_model, head_layer
-from alges_dist.scoring import ProjectionCache, score_batch
+from alges_dist.scoring import MATH_PATHS, ProjectionCache, resolve_math_path, score_batch
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +59,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--projection-dim", type=int, default=256)
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--math-paths", nargs="+", default=["auto"], choices=list(MATH_PATHS),
+                        help="score_batch math_path values to time, each as its own (b) row")
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory runs")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True for every method (autotuned convolutions)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top kernels of one score_batch call per math path")
+    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # child: one method's peak
     return parser.parse_args()
 
@@ -121,6 +134,7 @@ def synchronize(device: torch.device) -> None:
 def setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     """The model, a batch, and the three methods as no-argument callables."""
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     with torch.random.fork_rng(devices=[]):
@@ -140,27 +154,40 @@ def setup(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         with torch.inference_mode(), autocast_context():
             model(images)
 
-    def scored() -> None:
-        score_batch(
-            model,
-            images,
-            projection_dim=args.projection_dim,
-            autocast_dtype=autocast,
-            projection_cache=cache,
-        )
+    def scored(math_path: str) -> Callable[[], None]:
+        def run() -> None:
+            score_batch(
+                model,
+                images,
+                projection_dim=args.projection_dim,
+                autocast_dtype=autocast,
+                projection_cache=cache,
+                math_path=math_path,
+            )
+
+        return run
 
     def released() -> None:
         with autocast_context():
             released_per_image(model, images)
 
-    return {"plain": plain, "scored": scored, "released": released}
+    return {
+        "plain": plain,
+        **{f"scored:{path}": scored(path) for path in args.math_paths},
+        "released": released,
+    }
 
 
-LABELS = {
-    "plain": "(a) plain forward",
-    "scored": "(b) score_batch, every output",
-    "released": "(c) released: per-image backward",
-}
+def labels(args: argparse.Namespace) -> dict[str, str]:
+    device = torch.device(args.device)
+    return {
+        "plain": "(a) plain forward",
+        **{
+            f"scored:{path}": f"(b) score_batch, every output, {resolve_math_path(path, device)} math"
+            for path in args.math_paths
+        },
+        "released": "(c) released: per-image backward",
+    }
 
 
 def peak_memory(args: argparse.Namespace, method: str) -> int:
@@ -201,8 +228,13 @@ def main() -> None:
             cpu_seconds[method].append(time.process_time() - start_cpu)
 
     load_after_timing = os.getloadavg()[0]
+    if args.profile:
+        for method, run in methods.items():
+            if method.startswith("scored:"):
+                print_profile(run, device, labels(args)[method])
     del methods  # free the model before the memory runs
-    peaks = {method: peak_memory(args, method) for method in LABELS}
+    names = labels(args)
+    peaks = {method: None if args.skip_memory else peak_memory(args, method) for method in names}
     best = {method: min(times) for method, times in seconds.items()}
     fps = {method: args.batch / best[method] for method in best}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -213,25 +245,53 @@ def main() -> None:
     print(
         f"{args.arch}-{args.encoder}, {args.classes} classes, {args.size}x{args.size}, "
         f"batch {args.batch}, {where}, autocast {args.autocast}, torch {torch.__version__}, "
-        f"best of {args.iters} rounds\n"
+        f"cudnn.benchmark {args.cudnn_benchmark}, best of {args.iters} rounds\n"
     )
     cpu = {method: min(times) for method, times in cpu_seconds.items()}
     print("| method | s / batch | frames/s | CPU s / batch | peak memory (MiB) |")
     print("|---|---:|---:|---:|---:|")
-    for method, label in LABELS.items():
+    for method, label in names.items():
+        peak = "" if peaks[method] is None else f"{peaks[method] / 2**20:.0f}"
+        print(f"| {label} | {best[method]:.4f} | {fps[method]:.2f} | {cpu[method]:.2f} | {peak} |")
+    print()
+    for path in args.math_paths:
+        scored = f"scored:{path}"
         print(
-            f"| {label} | {best[method]:.3f} | {fps[method]:.2f} | {cpu[method]:.2f} | "
-            f"{peaks[method] / 2**20:.0f} |"
+            f"{resolve_math_path(path, device)} math: b/a = {fps[scored] / fps['plain']:.3f} "
+            f"(target >= 0.92 CPU, >= 0.85 CUDA)    b/c = {fps[scored] / fps['released']:.2f} "
+            "(target >= 2.6 on CPU)"
         )
-    b_over_a = fps["scored"] / fps["plain"]
-    b_over_c = fps["scored"] / fps["released"]
-    print(f"\nb/a = {b_over_a:.3f} (target >= 0.92)    b/c = {b_over_c:.2f} (target >= 2.6 on CPU)")
-    # CPU time (all threads) does not grow when other processes take the cores; with
-    # OMP_WAIT_POLICY=PASSIVE it excludes spinning, so these ratios survive a loaded machine
-    print(
-        f"by CPU time: b/a = {cpu['plain'] / cpu['scored']:.3f}    "
-        f"b/c = {cpu['released'] / cpu['scored']:.2f}"
-    )
+        # CPU time (all threads) does not grow when other processes take the cores; with
+        # OMP_WAIT_POLICY=PASSIVE it excludes spinning, so these ratios survive a loaded machine
+        print(
+            f"  by CPU time: b/a = {cpu['plain'] / cpu[scored]:.3f}    "
+            f"b/c = {cpu['released'] / cpu[scored]:.2f}"
+        )
+    if args.json:
+        record = {
+            "arch": args.arch, "encoder": args.encoder, "batch": args.batch, "size": args.size,
+            "autocast": args.autocast, "cudnn_benchmark": args.cudnn_benchmark, "device": where,
+            "torch": torch.__version__,
+            "labels": names,
+            "math_paths": {path: resolve_math_path(path, device) for path in args.math_paths},
+            "fps": fps, "peak_mib": {m: None if p is None else p / 2**20 for m, p in peaks.items()},
+        }
+        with open(args.json, "w") as out:
+            json.dump(record, out, indent=1)
+
+
+def print_profile(run: Callable[[], None], device: torch.device, label: str, top: int = 15) -> None:
+    """The kernels (or CPU ops) that take one call's time, heaviest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one call, {label}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 if __name__ == "__main__":

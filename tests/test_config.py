@@ -47,6 +47,7 @@ def test_config_is_frozen():
         (["data.dice_classes=[0, 7]", "data.n_classes=5"], r"dice_classes \[7\]"),
         (["loop.strategies=[badge]"], r"unknown strategies \['badge'\]"),
         (["scoring.max_error_rate=2"], r"scoring\.max_error_rate"),
+        (["scoring.math_path=fast"], r"scoring\.math_path"),
         (["train.epochs"], r"key\.sub=value"),
     ],
 )

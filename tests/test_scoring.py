@@ -1,4 +1,4 @@
-"""scoring.py against torch.autograd and numpy, on small smp models (issue 3)."""
+"""alges_dist.scoring against torch.autograd and numpy, on small smp models (issues 3, 15)."""
 
 from __future__ import annotations
 
@@ -6,80 +6,33 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from alges_dist import scoring
-from alges_dist.models import build_model, capture_head_input, head_spec
+from alges_dist.models import capture_head_input, head_spec
 from alges_dist.scoring import (
     SCALAR_SCORE_NAMES,
     SCORE_NAMES,
     ProjectionCache,
+    alges_img,
     gaussian_projection_matrix,
     score_batch,
     score_dims,
 )
-
-ARCHS = ["unet", "fpn", "deeplabv3plus"]  # 3x3 head; 1x1 head + bilinear x4 (two decoders)
-N_CLASSES = 4
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())  # detached by the caller
-
-
-def make_model(arch: str, seed: int = 0, classes: int = N_CLASSES) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_model(arch, "resnet18", classes, encoder_weights=None)
-        # sharper logits than the default init, so pixels disagree and have confident ones
-        nn.init.normal_(head_spec(model).conv.weight, std=0.5)
-    return model.eval()
-
-
-def make_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def make_mask(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, size, size, generator=torch.Generator().manual_seed(seed)) > 0.3
+from scoring_references import (
+    ARCHS,
+    ToyHeadNet,
+    autograd_head_gradient,
+    make_images,
+    make_mask,
+    make_model,
+    per_pixel_sem,
+    relative_error,
+)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_model(request):
     return request.param, make_model(request.param)
-
-
-def autograd_head_gradient(model, image, mask=None):
-    """d/dW of the frame's mean pseudo-label cross-entropy (valid pixels), full network."""
-    conv = head_spec(model).conv
-    logits = model(image.unsqueeze(0))  # (1, K, H, W)
-    loss = F.cross_entropy(logits, logits.argmax(1), reduction="none")  # (1, H, W)
-    if mask is not None:
-        loss = loss[mask.unsqueeze(0)]
-    (grad,) = torch.autograd.grad(loss.mean(), conv.weight)
-    return grad  # (K, C, kh, kw)
-
-
-def per_pixel_sem(model, image, mask=None):
-    """ALGES-sem by brute force: the head-weight gradient of every pixel's own
-    cross-entropy (autograd through the real head, upsampling included), its norm,
-    summed by predicted class."""
-    spec = head_spec(model)
-    conv = spec.conv
-    with torch.no_grad(), capture_head_input(model) as captured:
-        label = model(image.unsqueeze(0)).argmax(1)  # (1, H, W)
-
-    def pixel_losses(weight):
-        out = F.conv2d(captured.value, weight, conv.bias, padding=conv.padding)
-        if spec.upsample is not None:
-            out = spec.upsample(out)
-        return F.cross_entropy(out, label, reduction="none").flatten()  # (H*W,)
-
-    jac = torch.func.jacrev(pixel_losses)(conv.weight.detach())  # (H*W, K, C, kh, kw)
-    norms = jac.detach().flatten(1).norm(dim=1)
-    if mask is not None:
-        norms = norms * mask.flatten()
-    return torch.zeros(conv.out_channels).index_add_(0, label.flatten(), norms)
 
 
 def test_alges_img_matches_autograd_mean_gradient(arch_model):
@@ -135,7 +88,7 @@ def test_uncertainty_scores_match_numpy_softmax(arch_model):
             np.testing.assert_allclose(scores[name].numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_batched_equals_per_image_and_chunked(arch_model, monkeypatch):
+def test_batched_equals_per_image_and_chunked(arch_model):
     _, model = arch_model
     images, mask = make_images(2, seed=9), make_mask(2, 64, seed=9)
     batched = score_batch(model, images, valid_mask=mask, feature_grid=2)
@@ -143,9 +96,8 @@ def test_batched_equals_per_image_and_chunked(arch_model, monkeypatch):
         single = score_batch(model, images[i : i + 1], valid_mask=mask[i : i + 1], feature_grid=2)
         for name, value in single.items():  # the network itself differs in the last bits
             assert relative_error(value[0], batched[name][i]) <= 1e-4, name
-    # the math runs in chunks of images on the CPU: one image per chunk gives the same
-    monkeypatch.setitem(scoring._CHUNK_BYTES, "cpu", 1)
-    chunked = score_batch(model, images, valid_mask=mask, feature_grid=2)
+    # the math runs in chunks of images: one image per chunk gives the same
+    chunked = score_batch(model, images, valid_mask=mask, feature_grid=2, chunk_bytes=1)
     for name, value in chunked.items():
         assert relative_error(value, batched[name]) <= 1e-6, name
 
@@ -206,19 +158,6 @@ def test_score_dims_and_feature_match_the_outputs(arch_model):
     torch.testing.assert_close(scores["feature"], pooled)
 
 
-class ToyHeadNet(nn.Module):
-    """A 3x3 head followed by upsampling: no smp architecture has it, the math allows it."""
-
-    def __init__(self, mode: str, align_corners: bool | None):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU())
-        up = nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners)
-        self.segmentation_head = nn.Sequential(nn.Conv2d(6, 3, 3, padding=1), up)
-
-    def forward(self, x):
-        return self.segmentation_head(self.body(x))
-
-
 @pytest.mark.parametrize(
     ("mode", "align_corners"), [("bilinear", False), ("bilinear", True), ("nearest", None)]
 )
@@ -256,22 +195,46 @@ def test_grouped_conv_weight_gradient_equals_the_per_tap_matmuls():
     gen = torch.Generator().manual_seed(21)
     grad_conv, z = torch.randn(3, 5, 12, 10, generator=gen), torch.randn(3, 4, 12, 10, generator=gen)
     for kernel in ((3, 3), (1, 1), (5, 3)):
-        expected = scoring._head_weight_gradient(grad_conv, z, kernel)
-        got = scoring._head_weight_gradient_grouped_conv(grad_conv, z, kernel)
+        expected = alges_img.head_weight_gradient(grad_conv, z, kernel)
+        got = alges_img.head_weight_gradient_grouped_conv(grad_conv, z, kernel)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_weight_gradient_turns_tf32_off_and_keeps_the_callers_cudnn_settings(
+    monkeypatch,
+):
+    seen = {}
+    conv2d_weight = torch.nn.grad.conv2d_weight
+
+    def recording(*args, **kwargs):
+        cudnn = torch.backends.cudnn
+        seen.update(tf32=cudnn.allow_tf32, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+        return conv2d_weight(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", recording)
+    gen = torch.Generator().manual_seed(22)
+    grad_conv, z = torch.randn(2, 3, 6, 5, generator=gen), torch.randn(2, 4, 6, 5, generator=gen)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=True, allow_tf32=True):
+        alges_img.head_weight_gradient_grouped_conv(grad_conv, z, (3, 3))
+        assert torch.backends.cudnn.allow_tf32  # restored after the call
+    assert seen == {"tf32": False, "benchmark": True, "deterministic": True}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("math_path", ["eager", "compiled"])
 @pytest.mark.parametrize("arch", ["deeplabv3plus", "unet"])
-def test_cuda_matches_cpu(arch):
+def test_cuda_matches_cpu(arch, math_path):
     model = make_model(arch)
     images, mask = make_images(2, seed=18), make_mask(2, 64, seed=18)
-    cpu = score_batch(model, images, valid_mask=mask, projection_dim=8)
+    cpu = score_batch(model, images, valid_mask=mask, projection_dim=8, math_path="eager")
     # cuDNN convolutions run in TF32 by default: the network's own outputs then differ from
     # the CPU's by ~1e-2 (Unet), which is not the scoring math under test
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        cuda = score_batch(model.cuda(), images.cuda(), valid_mask=mask.cuda(), projection_dim=8)
+        cuda = score_batch(
+            model.cuda(), images.cuda(), valid_mask=mask.cuda(), projection_dim=8,
+            math_path=math_path,
+        )
     for name, value in cpu.items():
         assert relative_error(cuda[name].cpu(), value) < 1e-3, name
 

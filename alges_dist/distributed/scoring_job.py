@@ -100,6 +100,7 @@ class Scorer:
                 projection_seed=self.opts.projection_seed,
                 autocast_dtype=_AUTOCAST[self.opts.autocast],
                 projection_cache=self.projections,
+                math_path=self.opts.math_path,
             )
             scores = {k: v.float().cpu().numpy() for k, v in out.items()}
         for name, d in self.dims.items():
