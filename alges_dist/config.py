@@ -121,6 +121,10 @@ class LoopConfig(_Section):
     )
     budget: int = Field(8, ge=1, description="Frames queried per round.")
     oracle: Literal["simulated", "human"] = "simulated"
+    full_data_reference: bool = Field(
+        False, description="Also train once per seed on every pool frame with a mask (same recipe, same initial "
+        "weights) and evaluate it: the report's full-data line and frames-to-target fractions refer to it."
+    )
 
     @field_validator("strategies")
     @classmethod

@@ -145,16 +145,46 @@ class Experiment(RunLayout):
         return model.to(self.device)
 
     def evaluate(self, strategy: str, seed: int, r: int) -> None:
+        scores = self.test_scores(self.load_model(strategy, seed, r))
+        atomic_write_text(self.eval_path(strategy, seed, r), json.dumps(scores, indent=1))
+
+    def test_scores(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The model's metrics on the pool's test split (overall and per class)."""
         table, encoding = read_manifest(self.pool)
         test = filter_manifest(table, split="test")
         loader = torch.utils.data.DataLoader(
             FrameDataset(test, encoding, tuple(self.cfg.data.image_size), self.cfg.data.normalize), batch_size=self.cfg.scoring.batch_size
         )
-        scores = evaluate(
-            self.load_model(strategy, seed, r), loader, n_classes=self.cfg.data.n_classes,
+        return evaluate(
+            model, loader, n_classes=self.cfg.data.n_classes,
             dice_classes=self.cfg.data.dice_classes, ignore_index=encoding.ignore_index, device=self.device,
         )
-        atomic_write_text(self.eval_path(strategy, seed, r), json.dumps(scores, indent=1))
+
+    def reference(self, seed: int) -> None:
+        """The full-data reference of ``seed`` (``loop.full_data_reference``): train on every pool
+        frame with a mask, with the rounds' recipe and initial weights, and evaluate on the test
+        split. Resumable like the stages: the record, then the model, mark what is done."""
+        cfg = self.cfg
+        if self.reference_record_path(seed).exists():
+            return
+        if not self.reference_manifest_path.exists():
+            table, encoding = read_manifest(self.pool)
+            masked = filter_manifest(table, split="pool", labeled=False)
+            masked = masked.filter(pc.is_valid(masked["mask_uri"]))["frame_id"].to_pylist()
+            table = mark_labeled(table, masked, 0)  # frames labeled in the pool already stay labeled
+            if filter_manifest(table, split="pool", labeled=True).num_rows == 0:
+                raise ValueError(f"loop.full_data_reference: no pool frame of {self.pool} has a mask to train on")
+            write_manifest(table, self.reference_manifest_path, encoding)
+        if not self.reference_model_path(seed).exists():
+            log.info("full-data reference, seed %d: train", seed)
+            init = initial_weights(cfg, self.init_weights_path(seed), seed=cfg.train.seed + seed)
+            train_model(cfg, self.reference_manifest_path, init_weights=init, out_dir=self.reference_dir(seed),
+                        use_gpu=self.use_gpu)
+        model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, self.reference_model_path(seed))
+        n_labeled = filter_manifest(read_manifest(self.reference_manifest_path).table, split="pool", labeled=True).num_rows
+        record = {"seed": seed, "n_labeled": n_labeled, **self.test_scores(model.to(self.device)),
+                  "config": cfg.model_dump(mode="json"), "versions": package_versions()}
+        atomic_write_text(self.reference_record_path(seed), json.dumps(record, indent=1))
 
     def score(self, strategy: str, seed: int, r: int) -> None:
         # Round 0's model and labels are every strategy's: its scores are shared too.
@@ -249,6 +279,8 @@ class Experiment(RunLayout):
         Returns True when this (strategy, seed) has finished every round.
         """
         self.manifest(strategy, seed)  # create the run's manifest from the initial set
+        if self.cfg.loop.full_data_reference and until is None:
+            self.reference(seed)  # once per seed, shared by its strategies
         completed = 0
         for r in range(self.cfg.loop.n_rounds + 1):
             pending = [s for s in self.stages(r) if not self.stage_done(s, strategy, seed, r)]
