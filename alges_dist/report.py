@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.atomic import atomic_write_text
 from alges_dist.handoff import contact_sheet, predict_masks
 from alges_dist.report_figures import plot_learning_curves, plot_per_class_curves
 from alges_dist.report_statistics import (
@@ -66,7 +66,6 @@ TARGET_FRACTIONS = (0.9, 0.95)
 
 
 # ---- tables ------------------------------------------------------------------------------------------
-
 def round_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (strategy, round): labeled frames and each metric's mean and std over seeds."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)

@@ -192,7 +192,8 @@ def headline(table: Sequence[dict[str, Any]], baseline: str) -> list[str]:
     if not table:
         return [f"No comparison: the run has no {baseline} curve to compare with."]
     first = table[0]["target"]
-    return [_sentence(r, baseline) for r in table if r["target"] == first and r["strategy"] != baseline]
+    sentences = [_sentence(r, baseline) for r in table if r["target"] == first and r["strategy"] != baseline]
+    return sentences or [f"Only {baseline} in this run: no other strategy to compare with."]
 
 
 def _sentence(r: dict[str, Any], baseline: str) -> str:

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from alges_dist.cli import main
+from alges_dist.config import load_config
 from alges_dist.data.manifest import filter_manifest, read_manifest
+from alges_dist.loop import Experiment
 from alges_dist.report import plot_learning_curves, round_table
 from alges_dist.run_folder import read_results
 from cholecseg8k_fixture import make_cholecseg8k
@@ -167,6 +169,10 @@ def _check_statistics(out: Path, page: str, results: list[dict[str, str]], seeds
     for seed in seeds:  # trained from the seed's own initial weights, on every masked pool frame
         record = json.loads((out / "reference" / f"seed_{seed}" / "record.json").read_text())
         assert record["dice"] == pytest.approx(np.mean(record["dice_per_class"]))  # dice_classes: all
+    done = (out / "reference" / "seed_0" / "record.json").stat().st_mtime_ns
+    cfg = load_config(out / "config.yaml")
+    Experiment(cfg, out, Path(cfg.data.pool)).reference(0)  # resumable: a finished reference is not redone
+    assert (out / "reference" / "seed_0" / "record.json").stat().st_mtime_ns == done
     per_class = _csv(out / "results_per_class.csv")
     assert len(per_class) == len(results) * encoding.n_classes
     assert {r["class_name"] for r in per_class} == set(encoding.class_names)

@@ -75,6 +75,21 @@ def test_a_curve_shifted_left_by_10_frames_saves_10_frames_and_says_so():
     ]
 
 
+def test_identical_curves_are_reported_as_a_tie():
+    rows = [r for r in _rows(shift_left=0) if r["strategy"] != "entropy"]
+    by = {r["strategy"]: r for r in frames_to_target_table(rows, "dice", "random")}
+    assert by["alges-img"]["saved"] == 0 and by["alges-img"]["p"] == 1
+    assert headline(list(by.values()), "random") == [
+        "alges-img reached random's 50-frame Dice (paper) with 50 frames (95% CI 50-50): as many annotations as "
+        "random (50 frames; saved 95% CI 0% to 0%; paired sign-flip p = 1 over 3 seeds)."]
+    area = {a["strategy"]: a for a in aulc_table(rows)}["alges-img"]
+    assert area["vs_random"] == 0 and area["vs_random_ci95_low"] <= 0 <= area["vs_random_ci95_high"]
+    assert area["vs_random_p"] == 1
+    only_random = [r for r in rows if r["strategy"] == "random"]
+    assert headline(frames_to_target_table(only_random, "dice", "random"), "random") == [
+        "Only random in this run: no other strategy to compare with."]
+
+
 def test_fraction_targets_interpolate_each_seeds_curve_against_its_own_reference():
     references = {0: 0.90, 1: 1.00, 2: 0.95}  # targets 0.45-0.5: above every first round
     table = frames_to_target_table(_rows(), "dice", "random", references, fractions=[0.5])
