@@ -324,8 +324,8 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
         "frames / the baseline's mean frames, with a paired bootstrap interval; p: sign-flip test of the paired "
         "frame differences.</p>" + _html_table(frames),
         f"<h2>Paired difference to {html.escape(baseline or 'a baseline')} at each round</h2>"
-        f"<p>★ on the curves: p &lt; {SIGNIFICANCE_LEVEL}, uncorrected for the number of rounds.</p>"
-        + _html_table(differences),
+        f"<p>★ on the curves: p &lt; {SIGNIFICANCE_LEVEL}, uncorrected for the number of rounds "
+        "(both metrics in round_differences.csv).</p>" + _html_table([d for d in differences if d["metric"] == metric]),
         *per_class_parts,
         "<h2>Per round (mean and std over seeds)</h2>" + _html_table(table),
         "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos),

@@ -213,11 +213,12 @@ def _sentence(r: dict[str, Any], baseline: str) -> str:
         amount = f"as many annotations as {baseline}"
     else:
         amount = f"{abs(saved):.0%} {'fewer' if saved > 0 else 'more'} annotations than {baseline}"
-    amount += f" ({r['baseline_frames_mean']:.0f} frames"
+    # the baseline's own first crossing: a noisy curve can reach its last value before its last round
+    amount += f", which first reached it with {r['baseline_frames_mean']:.0f} frames ("
     if n >= MIN_SEEDS_FOR_INTERVAL:
-        amount += f"; saved 95% CI {r['saved_ci95_low']:.0%} to {r['saved_ci95_high']:.0%}"
+        amount += f"saved 95% CI {r['saved_ci95_low']:.0%} to {r['saved_ci95_high']:.0%}; "
     floor = f", the smallest {n} seeds can give" if r["p"] <= r["smallest_p"] else ""
-    return f"{text}: {amount}; paired sign-flip p = {r['p']:.2g} over {n} seeds{floor})."
+    return f"{text}: {amount}paired sign-flip p = {r['p']:.2g} over {n} seeds{floor})."
 
 
 def per_class_round_table(per_class: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,8 +69,8 @@ def test_a_curve_shifted_left_by_10_frames_saves_10_frames_and_says_so():
     sentences = headline(table, "random")
     assert sentences == [
         "alges-img reached random's 50-frame Dice (paper) with 40 frames (95% CI 40-40): 20% fewer annotations "
-        "than random (50 frames; saved 95% CI 20% to 20%; paired sign-flip p = 0.25 over 3 seeds, the smallest "
-        "3 seeds can give).",
+        "than random, which first reached it with 50 frames (saved 95% CI 20% to 20%; paired sign-flip p = 0.25 "
+        "over 3 seeds, the smallest 3 seeds can give).",
         "entropy did not reach random's 50-frame Dice (paper) within 50 frames in 3 of 3 seeds.",
     ]
 
@@ -81,7 +81,7 @@ def test_identical_curves_are_reported_as_a_tie():
     assert by["alges-img"]["saved"] == 0 and by["alges-img"]["p"] == 1
     assert headline(list(by.values()), "random") == [
         "alges-img reached random's 50-frame Dice (paper) with 50 frames (95% CI 50-50): as many annotations as "
-        "random (50 frames; saved 95% CI 0% to 0%; paired sign-flip p = 1 over 3 seeds)."]
+        "random, which first reached it with 50 frames (saved 95% CI 0% to 0%; paired sign-flip p = 1 over 3 seeds)."]
     area = {a["strategy"]: a for a in aulc_table(rows)}["alges-img"]
     assert area["vs_random"] == 0 and area["vs_random_ci95_low"] <= 0 <= area["vs_random_ci95_high"]
     assert area["vs_random_p"] == 1
