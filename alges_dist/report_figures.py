@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from alges_dist.data.atomic import atomic_path
-from alges_dist.report_statistics import METRIC_LABELS, METRICS
+from alges_dist.report_statistics import METRIC_LABELS, METRICS, SIGNIFICANCE_LEVEL
 
 FULL_DATA = "full data"
 
@@ -78,8 +78,10 @@ def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path, metrics
     n_seeds = max((r["n_seeds"] for r in table), default=0)
     axes[0][0].legend(fontsize=8)
     title = f"mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    if baseline:
-        title += f"; ★ paired difference to {baseline} at that round has p < 0.05 (sign-flip test)"
+    if baseline and 2 / 2**n_seeds >= SIGNIFICANCE_LEVEL:  # the exact test's smallest p with n seeds
+        title += f"; no ★ possible: {n_seeds} seeds cannot give p < {SIGNIFICANCE_LEVEL} vs {baseline}"
+    elif baseline:
+        title += f"; ★ paired difference to {baseline} at that round has p < {SIGNIFICANCE_LEVEL} (sign-flip test)"
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, out_png)
