@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "from the run folder alone. `alges run` and `alges demo` do this at the end.")
     report.add_argument("run", type=Path, help="the run folder (--out of alges run)")
     report.add_argument("--metric", choices=["dice", "miou"], default="dice", help="metric of the AULC table")
+    report.add_argument("--baseline", action="append", default=[], metavar="STRATEGY",
+                        help="compare every strategy with this one too, paired by seed (random always; repeatable)")
+    report.add_argument("--target-fractions", type=_fractions, default=None, metavar="F,F",
+                        help="frames-to-target at these fractions of the full-data reference's metric "
+                        "(default 0.9,0.95; needs loop.full_data_reference: true)")
     label = sub.add_parser(
         "label", help="import people's labels for a run's pending query batch (loop.oracle: human/labelstudio)",
         description="Set mask_uri and labeled_round for the picks of the pending round, all or nothing: from "
@@ -191,12 +196,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.9,0.95") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
+    return values
+
+
 def _report(args: argparse.Namespace) -> int:
-    from alges_dist.report import write_report
+    from alges_dist.report import TARGET_FRACTIONS, write_report
 
     _log_to(args.run, args.argv)
-    path = write_report(args.run, metric=args.metric)
+    path = write_report(args.run, metric=args.metric, baselines=args.baseline,
+                        target_fractions=args.target_fractions or TARGET_FRACTIONS)
     print((args.run / "report" / "aulc.md").read_text())
+    print((args.run / "report" / "headline.md").read_text())
     print(f"report: {path}")
     return 0
 
@@ -286,7 +303,8 @@ def _rounds(args: argparse.Namespace) -> int:
                 console.close()
             print(format_results(exp.results_path))
             if args.command in ("run", "demo"):
-                print(f"report: {write_report(args.out)}")
+                report = write_report(args.out)
+                print((report.parent / "headline.md").read_text() + f"report: {report}")
     return 0
 
 

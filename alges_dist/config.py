@@ -149,6 +149,10 @@ class LoopConfig(_Section):
         "simulated", description="simulated: the pool's masks; human: stop for `alges label`; "
         "labelstudio: push each batch to a Label Studio project, then stop for `alges label --from labelstudio`."
     )
+    full_data_reference: bool = Field(
+        False, description="Also train once per seed on every pool frame with a mask (same recipe, same initial "
+        "weights) and evaluate it: the report's full-data line and frames-to-target fractions refer to it."
+    )
 
     @field_validator("strategies")
     @classmethod

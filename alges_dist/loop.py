@@ -30,7 +30,14 @@ from alges_dist.config import RESUMABLE_KEYS, Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
 from alges_dist.data.manifest import read_manifest
-from alges_dist.data.rounds import count_labeled, draw_initial_set, label_frames, labeled_in_round, pool_summary
+from alges_dist.data.rounds import (
+    count_labeled,
+    draw_initial_set,
+    full_data_manifest,
+    label_frames,
+    labeled_in_round,
+    pool_summary,
+)
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
 from alges_dist.handoff import collect_masks, correction_summary, push_to_labelstudio, write_batch
@@ -185,6 +192,33 @@ class Experiment(RunLayout):
         atomic_write_text(self.eval_path(strategy, seed, r), json.dumps({**scores, "where": where.as_dict()}, indent=1))
         return {"dice": scores["dice"], "miou": scores["miou"], "where": where.as_dict()}
 
+    def reference(self, seed: int) -> None:
+        """The full-data reference of ``seed`` (``loop.full_data_reference``): train on every pool
+        frame with a mask, with the rounds' recipe and initial weights, and evaluate on the test
+        split, both on workers. Resumable like the stages: the record, then the model, mark what is done."""
+        from alges_dist.distributed.evaluation_job import evaluate_checkpoint
+        from alges_dist.distributed.training import initial_weights, train_model
+
+        cfg = self.cfg
+        if self.reference_record_path(seed).exists():
+            return
+        if not self.reference_manifest_path.exists():
+            on_worker(full_data_manifest, str(self.pool.resolve()), str(self.reference_manifest_path.resolve()))
+        if not self.reference_model_path(seed).exists():
+            self._notify("start", "train", "full-data reference", seed, 0, {})
+            init = self.init_weights_path(seed)
+            if not init.exists():
+                on_worker(initial_weights, self.cfg_dict, str(init.resolve()), cfg.train.seed + seed)
+            result = train_model(cfg, self.reference_manifest_path, init_weights=init, out_dir=self.reference_dir(seed),
+                                 use_gpu=self.use_gpu, on_progress=self.on_progress)
+            self._notify("done", "train", "full-data reference", seed, 0, {"seconds": result.seconds})
+        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.pool.resolve()),
+                                  str(self.reference_model_path(seed).resolve()), gpu=self.use_gpu,
+                                  cpus=cfg.scoring.cpus_per_actor)
+        record = {"seed": seed, "n_labeled": count_labeled(self.reference_manifest_path), **scores,
+                  "where": where.as_dict(), "config": self.cfg_dict, "versions": package_versions()}
+        atomic_write_text(self.reference_record_path(seed), json.dumps(record, indent=1))
+
     def score(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         from alges_dist.distributed.scoring_job import score_pool
 
@@ -285,6 +319,8 @@ class Experiment(RunLayout):
         Returns True when this (strategy, seed) has finished every round.
         """
         self.manifest_file(strategy, seed)  # create the run's manifest from the initial set
+        if self.cfg.loop.full_data_reference and until is None:
+            self.reference(seed)  # once per seed, shared by its strategies
         completed = 0
         for r in range(self.cfg.loop.n_rounds + 1):
             pending = [s for s in self.stages(r) if not self.stage_done(s, strategy, seed, r)]

@@ -38,11 +38,19 @@ def paper_dice(
 
     pred, target: (B, H, W) integer labels. Returns (B,) float32.
     """
-    _check_labels(pred, target, n_classes)
     classes = list(range(n_classes)) if classes is None else list(classes)
     bad = [c for c in classes if not 0 <= c < n_classes]
     if bad:
         raise ValueError(f"classes {bad} outside 0..{n_classes - 1}")
+    return paper_dice_per_class(pred, target, n_classes=n_classes, ignore_index=ignore_index)[:, classes].mean(1)
+
+
+def paper_dice_per_class(pred: Tensor, target: Tensor, *, n_classes: int, ignore_index: int = 255) -> Tensor:
+    """The paper's per-image Dice of every class, before the mean over classes.
+
+    pred, target: (B, H, W) integer labels. Returns (B, K) float32.
+    """
+    _check_labels(pred, target, n_classes)
     valid = (target != ignore_index).flatten(1)  # (B, P)
     pred_1h = torch.nn.functional.one_hot(pred.flatten(1).long(), n_classes) & valid[..., None]  # (B, P, K)
     target_1h = torch.nn.functional.one_hot(
@@ -50,8 +58,7 @@ def paper_dice(
     ) & valid[..., None]  # (B, P, K)
     inter = (pred_1h & target_1h).sum(1).float()  # (B, K)
     total = pred_1h.sum(1).float() + target_1h.sum(1).float()  # (B, K)
-    dice = (2 * inter + 1) / (total + 1)  # (B, K)
-    return dice[:, classes].mean(1)
+    return (2 * inter + 1) / (total + 1)  # (B, K)
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, *, n_classes: int, ignore_index: int = 255) -> Tensor:

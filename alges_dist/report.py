@@ -3,9 +3,15 @@
 ``write_report(RUN)`` reads only the run folder (results.csv, queries.parquet, the
 runs' manifests and models) and writes ``RUN/report/``:
 
-    learning_curves.png   test metric vs labeled frames, mean +- std over seeds
+    headline.md           frames each strategy needs to reach random's Dice, in words
+    learning_curves.png   test metric vs labeled frames, mean +- std over seeds, a star where
+                          the paired difference to the baseline is significant, the full-data line
     rounds.csv / .md      per (strategy, round): labeled frames, mean and std per metric
-    aulc.csv / .md        area under each seed's learning curve, mean +- std per strategy
+    aulc.csv / .md        area under each seed's learning curve, mean +- std per strategy, and
+                          the paired difference to each baseline (95% CI, p-value)
+    round_differences.csv the paired difference to the baseline at every round
+    frames_to_target.csv / .md  labeled frames to reach each target, annotation saved
+    per_class_*.csv, per_class_aulc.md, per_class_curves.png   Dice per class
     per_video.csv / .md   how many frames each strategy picked from each video
     last_batch_*.png      the last query batch with the model's predicted masks
     report.html           all of the above in one file that opens offline
@@ -13,7 +19,8 @@ runs' manifests and models) and writes ``RUN/report/``:
 The area under the learning curve (AULC) is the trapezoid area of the metric over
 the labeled-frame axis divided by that axis' span: the metric averaged over the
 budget, in the metric's units. All runs are compared over the rounds every run has
-completed, so a run that is further along does not get a larger area.
+completed, so a run that is further along does not get a larger area. The statistics
+(paired by seed) are ``report_statistics`` and ``statistics``; the figures ``report_figures``.
 """
 
 from __future__ import annotations
@@ -31,25 +38,34 @@ from typing import Any
 
 import numpy as np
 
-from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.atomic import atomic_write_text
 from alges_dist.handoff import contact_sheet, predict_masks
+from alges_dist.report_figures import plot_learning_curves, plot_per_class_curves
+from alges_dist.report_statistics import (
+    METRIC_LABELS,
+    METRICS,
+    SIGNIFICANCE_LEVEL,
+    aulc_table,
+    check_baselines,
+    common_rounds,
+    frames_to_target_table,
+    headline,
+    per_class_aulc_table,
+    per_class_round_table,
+    round_differences,
+)
 from alges_dist.run_folder import RunLayout, read_results
+from alges_dist.statistics import MAX_EXACT_SIGN_FLIPS, MIN_SEEDS_FOR_INTERVAL, aulc
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dice", "miou")
-METRIC_LABELS = {"dice": "Dice (paper)", "miou": "mIoU"}
+__all__ = ["aulc", "aulc_table", "common_rounds", "format_results", "markdown_table", "plot_learning_curves",
+           "round_table", "write_report"]
+#: Targets as fractions of the full-data reference's Dice (``alges report --target-fractions``).
+TARGET_FRACTIONS = (0.9, 0.95)
 
 
 # ---- tables ------------------------------------------------------------------------------------------
-def common_rounds(rows: Sequence[dict[str, Any]]) -> int:
-    """The last round that every (strategy, seed) run has completed (-1: none)."""
-    last: dict[tuple[str, int], int] = defaultdict(lambda: -1)
-    for r in rows:
-        last[r["strategy"], r["seed"]] = max(last[r["strategy"], r["seed"]], r["round"])
-    return min(last.values(), default=-1)
-
-
 def round_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (strategy, round): labeled frames and each metric's mean and std over seeds."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -65,38 +81,6 @@ def round_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{metric}_mean"] = float(values.mean())
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         out.append(row)
-    return out
-
-
-def aulc(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Trapezoid area under (xs, ys) over the span of xs (a mean metric); one point: that point."""
-    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    if len(xs) == 1:
-        return float(ys[0])
-    area = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
-    return area / float(xs[-1] - xs[0])
-
-
-def aulc_table(rows: Sequence[dict[str, Any]], metric: str = "dice") -> list[dict[str, Any]]:
-    """Per strategy: AULC of each seed's curve over the common rounds, mean and std over seeds."""
-    last = common_rounds(rows)
-    curves: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-    for r in rows:
-        if r["round"] <= last:
-            curves[r["strategy"], r["seed"]].append((r["n_labeled"], r[metric]))
-    per_strategy: dict[str, list[float]] = defaultdict(list)
-    for (strategy, _), points in curves.items():
-        points.sort()
-        per_strategy[strategy].append(aulc([p[0] for p in points], [p[1] for p in points]))
-    out = []
-    for strategy in sorted(per_strategy, key=lambda s: _order(rows, s)):
-        values = np.array(per_strategy[strategy])
-        out.append({"strategy": strategy, "metric": metric, "aulc_mean": float(values.mean()),
-                    "aulc_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                    "n_seeds": len(values), "rounds": f"0-{last}"})
-    baseline = next((r["aulc_mean"] for r in out if r["strategy"] == "random"), None)
-    for r in out:
-        r["vs_random"] = r["aulc_mean"] - baseline if baseline is not None else float("nan")
     return out
 
 
@@ -141,44 +125,6 @@ def format_results(results_csv: Path) -> str:
          "dice": f"{r['dice_mean']:.4f} ± {r['dice_std']:.4f}", "miou": f"{r['miou_mean']:.4f} ± {r['miou_std']:.4f}"}
         for r in round_table(rows)
     ])
-
-
-# ---- figures -----------------------------------------------------------------------------------------
-def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path,
-                         metrics: Sequence[str] = METRICS) -> dict[str, dict[str, np.ndarray]]:
-    """Metric vs labeled frames, one line per strategy with a +-1 std band over seeds.
-
-    Returns the plotted points read back from the figure, ``{metric: {strategy: (n, 2)}}``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-    plotted: dict[str, dict[str, np.ndarray]] = {}
-    strategies = list(dict.fromkeys(r["strategy"] for r in table))
-    for ax, metric in zip(axes[0], metrics):
-        plotted[metric] = {}
-        for strategy in strategies:
-            rows = [r for r in table if r["strategy"] == strategy]
-            xs = np.array([r["n_labeled"] for r in rows], dtype=np.float64)
-            mean = np.array([r[f"{metric}_mean"] for r in rows])
-            std = np.array([r[f"{metric}_std"] for r in rows])
-            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=strategy)
-            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
-            plotted[metric][strategy] = line.get_xydata()
-        ax.set_xlabel("labeled frames")
-        ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)}")
-        ax.grid(alpha=0.3)
-    n_seeds = max((r["n_seeds"] for r in table), default=0)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format=Path(out_png).suffix.lstrip(".") or "png", dpi=110)  # png, svg, pdf
-    plt.close(fig)
-    return plotted
 
 
 # ---- the report --------------------------------------------------------------------------------------
@@ -267,13 +213,50 @@ def _html_table(rows: Sequence[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(run: Path, metric: str = "dice") -> Path:
-    """Build ``RUN/report/`` from the run folder alone; returns the report.html path."""
+def _write_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> None:
+    write_csv(rows, out / f"{name}.csv")
+    atomic_write_text(out / f"{name}.md", markdown_table(rows) + "\n")
+
+
+def _mean_by(rows: Sequence[dict[str, Any]], key: str, value: str) -> dict[Any, float]:
+    groups: dict[Any, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r[value])
+    return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def _method_note(rows: Sequence[dict[str, Any]], baseline: str | None) -> str:
+    """How the paired statistics were made, and what this run's number of seeds allows."""
+    n = len({r["seed"] for r in rows})
+    note = (f"Paired by seed: every strategy of a seed starts from the same initial labeled set and weights, so "
+            f"each seed gives one difference to the baseline ({html.escape(baseline or 'none in this run')}). "
+            "95% CI: percentile bootstrap over seeds (10,000 resamples, numpy default_rng(0)); it never reaches "
+            "beyond the range of the seeds' differences, so with few seeds it is too narrow. p: two-sided "
+            f"sign-flip permutation test of the mean difference, exact (all 2^n sign patterns enumerated) up to "
+            f"{MAX_EXACT_SIGN_FLIPS} seeds, Monte Carlo beyond. ")
+    if n < MIN_SEEDS_FOR_INTERVAL:
+        note += f"<b>This run has {n} seed{'s' if n != 1 else ''}: no interval can be given (3 or more are needed).</b> "
+    if n <= MAX_EXACT_SIGN_FLIPS:
+        smallest = 2 / 2**n
+        note += f"With {n} seeds the exact test cannot give p below {smallest:.3g}"
+        note += (f", so no difference can reach p &lt; {SIGNIFICANCE_LEVEL} (no ★ is possible)." if smallest >= SIGNIFICANCE_LEVEL
+                 else ".")
+    return f"<p>{note}</p>"
+
+
+def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
+                 target_fractions: Sequence[float] = TARGET_FRACTIONS) -> Path:
+    """Build ``RUN/report/`` from the run folder alone; returns the report.html path.
+
+    baselines: strategies to compare with besides random (``alges report --baseline``);
+    target_fractions: frames-to-target at these fractions of the full-data reference.
+    """
     import pyarrow.parquet as pq
 
     from alges_dist.config import load_config
 
     run = Path(run)
+    layout = RunLayout(run)
     for needed in ("config.yaml", "results.csv"):
         if not (run / needed).is_file():
             raise FileNotFoundError(f"{run} is not a run folder: {needed} is missing (run `alges run` first)")
@@ -281,19 +264,52 @@ def write_report(run: Path, metric: str = "dice") -> Path:
     rows = read_results(run / "results.csv")
     if not rows:
         raise ValueError(f"{run / 'results.csv'} has no completed rounds yet")
+    compared = check_baselines(rows, baselines)
+    baseline = compared[0] if compared else None
     out = run / "report"
     out.mkdir(exist_ok=True)
     table = round_table(rows)
-    write_csv(table, out / "rounds.csv")
-    atomic_write_text(out / "rounds.md", markdown_table(table) + "\n")
-    areas = aulc_table(rows, metric)
-    write_csv(areas, out / "aulc.csv")
-    atomic_write_text(out / "aulc.md", markdown_table(areas) + "\n")
-    plot_learning_curves(table, out / "learning_curves.png")
+    _write_table(table, out, "rounds")
+    areas = aulc_table(rows, metric, compared)
+    _write_table(areas, out, "aulc")
+
+    reference = read_results(layout.reference_results_path) if layout.reference_results_path.exists() else []
+    ref_by_seed = {r["seed"]: r[metric] for r in reference}
+    differences = [d for m in METRICS for d in round_differences(rows, m, baseline)] if baseline else []
+    write_csv(differences, out / "round_differences.csv")
+    frames = [f for b in compared for f in frames_to_target_table(rows, metric, b, ref_by_seed, target_fractions)]
+    _write_table(frames, out, "frames_to_target")
+    sentences = headline([f for f in frames if f["baseline"] == baseline], baseline) if baseline else [
+        "No comparison: the run has neither random nor a --baseline strategy."]
+    atomic_write_text(out / "headline.md", "\n\n".join(sentences) + "\n")
+    plot_learning_curves(
+        table, out / "learning_curves.png", baseline=baseline,
+        significant={m: {(d["strategy"], d["round"]) for d in differences if d["metric"] == m and d["significant"]}
+                     for m in METRICS},
+        reference={m: (float(np.mean([r[m] for r in reference])), reference[0]["n_labeled"]) for m in METRICS}
+        if reference else None)
+
+    per_class_parts = ["<h2>Per class</h2><p>No per-class results in this run folder (its rounds were "
+                       "evaluated before Dice per class was recorded).</p>"]
+    if layout.results_per_class_path.exists():
+        per_class = read_results(layout.results_per_class_path)
+        class_table = per_class_round_table(per_class)
+        write_csv(class_table, out / "per_class_rounds.csv")
+        class_areas = per_class_aulc_table(per_class, compared)
+        _write_table(class_areas, out, "per_class_aulc")
+        class_ref = (_mean_by(read_results(layout.reference_per_class_path), "class_id", "dice")
+                     if layout.reference_per_class_path.exists() else None)
+        plot_per_class_curves(class_table, out / "per_class_curves.png", reference=class_ref)
+        per_class_parts = [
+            "<h2>Per class</h2><p>The paper's Dice of each class on the test split (a class absent from an "
+            "image's prediction and mask counts 1 there), mean ± std over seeds"
+            f"{'; dashed: the full-data reference' if class_ref else ''}.</p>"
+            + _img_tag(out / "per_class_curves.png"),
+            "<h3>Area under each class's Dice curve</h3>" + _html_table(class_areas)]
+
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
     videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
-    write_csv(videos, out / "per_video.csv")
-    atomic_write_text(out / "per_video.md", markdown_table(videos) + "\n")
+    _write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out) if queries is not None else []
 
     settings = {
@@ -302,6 +318,11 @@ def write_report(run: Path, metric: str = "dice") -> Path:
         "initial labeled": cfg.loop.initial_labeled, "budget per round": cfg.loop.budget,
         "rounds": cfg.loop.n_rounds, "seeds": ", ".join(map(str, cfg.loop.seeds)),
     }
+    label = html.escape(METRIC_LABELS.get(metric, metric))
+    reference_note = (f"Full-data reference: {len(reference)} seed{'s' if len(reference) != 1 else ''}, "
+                      f"{reference[0]['n_labeled']} labeled frames, mean test {label} "
+                      f"{np.mean(list(ref_by_seed.values())):.4f} (dashed line)." if reference else
+                      "No full-data reference in this run (set loop.full_data_reference: true): no fraction targets.")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>alges report</title><style>"
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
@@ -309,11 +330,23 @@ def write_report(run: Path, metric: str = "dice") -> Path:
         "th{background:#f2f2f2}</style></head><body>",
         f"<h1>Active-learning report: {html.escape(run.name)}</h1>",
         _html_table([{"setting": k, "value": v} for k, v in settings.items()]),
-        f"<h2>Learning curves</h2>{_img_tag(out / 'learning_curves.png')}",
-        f"<h2>Area under the learning curve ({html.escape(METRIC_LABELS.get(metric, metric))})</h2>"
+        "<h2>Headline: how many annotations does it save?</h2>"
+        + "".join(f"<p><b>{html.escape(t)}</b></p>" for t in sentences),
+        f"<h2>Learning curves</h2>{_img_tag(out / 'learning_curves.png')}<p>{html.escape(reference_note)}</p>",
+        f"<h2>Area under the learning curve ({label})</h2>"
         "<p>Trapezoid area over labeled frames divided by their span (the metric averaged over the budget), "
-        "mean and std over seeds; vs_random is the difference to random sampling's mean.</p>"
-        + _html_table(areas),
+        "mean and std over seeds; vs_B is the mean over seeds of the paired difference to baseline B, with its "
+        "95% interval (ci95_low, ci95_high; empty below 3 seeds) and p-value.</p>"
+        + _method_note(rows, baseline) + _html_table(areas),
+        f"<h2>Frames to target ({label})</h2><p>Labeled frames each strategy needs to reach the target, per seed "
+        "on its own curve, interpolated linearly between rounds and never beyond its last round (n_not_reached: "
+        "seeds that end below the target within within_frames; then no mean is given). saved = 1 - mean "
+        "frames / the baseline's mean frames, with a paired bootstrap interval; p: sign-flip test of the paired "
+        "frame differences.</p>" + _html_table(frames),
+        f"<h2>Paired difference to {html.escape(baseline or 'a baseline')} at each round</h2>"
+        f"<p>★ on the curves: p &lt; {SIGNIFICANCE_LEVEL}, uncorrected for the number of rounds "
+        "(both metrics in round_differences.csv).</p>" + _html_table([d for d in differences if d["metric"] == metric]),
+        *per_class_parts,
         "<h2>Per round (mean and std over seeds)</h2>" + _html_table(table),
         "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos),
     ]

@@ -13,7 +13,11 @@ imports the other and a copied run folder renders anywhere::
     RUN/STRATEGY/seed_S/manifest.parquet this run's labels (labeled_round per frame)
     RUN/STRATEGY/seed_S/round_RR/        model.pt, eval.json, scores/, errors.parquet (RR > 0),
                                          selection.parquet, hand-off files, record.json
+    RUN/reference/manifest.parquet       loop.full_data_reference: every pool frame with a mask
+    RUN/reference/seed_S/                model.pt, record.json (test metrics) of seed S's full-data model
     RUN/results.csv                      one row per (strategy, seed, round)
+    RUN/results_per_class.csv            one row per (strategy, seed, round, class): Dice per class
+    RUN/reference.csv, reference_per_class.csv  the full-data reference, per seed (and class)
     RUN/queries.parquet                  one row per picked frame
     RUN/report/                          alges report: curves, tables, report.html
 """
@@ -35,9 +39,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.manifest import MASK_ENCODING_KEY, MaskEncoding
 
 RESULT_COLUMNS = ["strategy", "seed", "round", "n_labeled", "dice", "miou", "mdice"]
 QUERY_COLUMNS = ["strategy", "seed", "round", "pick_rank", "frame_id", "value"]
+# dice: the paper's Dice of the class (mean over test images); dataset_dice: 2TP/(2TP+FP+FN)
+# over the test split, empty where the class is absent from predictions and masks alike.
+PER_CLASS_COLUMNS = ["strategy", "seed", "round", "n_labeled", "class_id", "class_name", "dice", "dataset_dice"]
+REFERENCE_COLUMNS = ["seed", "n_labeled", "dice", "miou", "mdice"]
+REFERENCE_PER_CLASS_COLUMNS = ["seed", "n_labeled", "class_id", "class_name", "dice", "dataset_dice"]
+_CLASS_FIELDS = ("class_id", "class_name", "dice", "dataset_dice")
 
 
 class RunLayout:
@@ -63,8 +74,33 @@ class RunLayout:
         return self.out / "report"
 
     @property
+    def results_per_class_path(self) -> Path:
+        return self.out / "results_per_class.csv"
+
+    @property
+    def reference_results_path(self) -> Path:
+        return self.out / "reference.csv"
+
+    @property
+    def reference_per_class_path(self) -> Path:
+        return self.out / "reference_per_class.csv"
+
+    @property
     def initial_manifest_path(self) -> Path:
         return self.out / "initial" / "manifest.parquet"
+
+    @property
+    def reference_manifest_path(self) -> Path:
+        return self.out / "reference" / "manifest.parquet"
+
+    def reference_dir(self, seed: int) -> Path:
+        return self.out / "reference" / f"seed_{seed}"
+
+    def reference_model_path(self, seed: int) -> Path:
+        return self.reference_dir(seed) / "model.pt"
+
+    def reference_record_path(self, seed: int) -> Path:
+        return self.reference_dir(seed) / "record.json"
 
     def init_weights_path(self, seed: int) -> Path:
         return self.out / "initial" / f"seed_{seed}" / "init.pt"
@@ -102,8 +138,10 @@ class RunLayout:
 
     # ---- writers -------------------------------------------------------------------------
     def write_outputs(self, strategies: list[str], seeds: list[int], n_rounds: int) -> None:
-        """Rebuild RUN/results.csv and RUN/queries.parquet from the round folders."""
-        rows, queries = [], []
+        """Rebuild RUN/results.csv, results_per_class.csv, queries.parquet and the reference's
+        CSVs from the round and reference folders."""
+        rows, per_class, queries = [], [], []
+        names = self.class_names()
         for strategy in strategies:
             for seed in seeds:
                 for r in range(n_rounds + 1):
@@ -111,6 +149,7 @@ class RunLayout:
                     if record.exists():
                         d = json.loads(record.read_text())
                         rows.append({k: d[k] for k in RESULT_COLUMNS})
+                        per_class += _per_class_rows(d, names, record, PER_CLASS_COLUMNS)
                     selection = self.selection_path(strategy, seed, r)
                     if selection.exists():
                         t = pq.read_table(selection)
@@ -120,22 +159,70 @@ class RunLayout:
                             "round": pa.array([r] * n, pa.int32()), "pick_rank": t["pick_rank"],
                             "frame_id": t["frame_id"], "value": t["value"],
                         }))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.results_path, buf.getvalue())
+        _write_rows(self.results_path, RESULT_COLUMNS, rows)
+        if per_class:
+            _write_rows(self.results_per_class_path, PER_CLASS_COLUMNS, per_class)
+        references = [(self.reference_record_path(s), json.loads(self.reference_record_path(s).read_text()))
+                      for s in seeds if self.reference_record_path(s).exists()]
+        if references:
+            _write_rows(self.reference_results_path, REFERENCE_COLUMNS,
+                        [{k: d[k] for k in REFERENCE_COLUMNS} for _, d in references])
+            _write_rows(self.reference_per_class_path, REFERENCE_PER_CLASS_COLUMNS,
+                        [row for path, d in references
+                         for row in _per_class_rows(d, names, path, REFERENCE_PER_CLASS_COLUMNS)])
         if queries:
             with atomic_path(self.queries_path) as tmp:
                 pq.write_table(pa.concat_tables(queries), tmp)
 
 
+    def class_names(self) -> list[str] | None:
+        """The pool's class names, from the initial manifest's encoding (None before it exists)."""
+        if not self.initial_manifest_path.exists():
+            return None
+        metadata = pq.read_schema(self.initial_manifest_path).metadata or {}
+        if MASK_ENCODING_KEY not in metadata:
+            raise ValueError(f"{self.initial_manifest_path} has no mask encoding in its metadata")
+        return MaskEncoding.from_json(metadata[MASK_ENCODING_KEY]).class_names
+
+
+def _per_class_rows(record: dict[str, Any], names: list[str] | None, source: Path,
+                    columns: list[str]) -> list[dict[str, Any]]:
+    """One row per class of a round or reference record (none for records written before
+    evaluation reported classes)."""
+    dice = record.get("dice_per_class")
+    if dice is None:
+        return []
+    dataset = record["dataset_dice_per_class"]
+    if names is not None and len(names) != len(dice):
+        raise ValueError(f"{source}: {len(dice)} per-class Dice values but the pool encodes {len(names)} classes")
+    base = {k: record[k] for k in columns if k not in _CLASS_FIELDS}  # which run, round and seed
+    return [{**base, "class_id": k, "class_name": names[k] if names else f"class_{k}", "dice": d,
+             "dataset_dice": "" if dataset[k] is None else dataset[k]} for k, d in enumerate(dice)]
+
+
+def _write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def read_results(results_csv: Path) -> list[dict[str, Any]]:
-    """results.csv rows with numbers as numbers."""
+    """Rows of results.csv (or results_per_class.csv, reference.csv) with numbers as numbers;
+    an empty cell (a class absent everywhere) is None."""
     with open(results_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    ints, floats = ("seed", "round", "n_labeled"), ("dice", "miou", "mdice")
-    return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()} for r in rows]
+    ints, floats = ("seed", "round", "n_labeled", "class_id"), ("dice", "miou", "mdice", "dataset_dice")
+
+    def number(key: str, value: str) -> Any:
+        if key in ints:
+            return int(value)
+        if key in floats:
+            return float(value) if value != "" else None
+        return value
+
+    return [{k: number(k, v) for k, v in r.items()} for r in rows]
 
 
 def package_versions() -> dict[str, str]:

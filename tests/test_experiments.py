@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import html
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from alges_dist.cli import main
+from alges_dist.config import load_config
 from alges_dist.data.manifest import filter_manifest, read_manifest
+from alges_dist.loop import Experiment
 from alges_dist.report import plot_learning_curves, round_table
 from alges_dist.run_folder import read_results
 from cholecseg8k_fixture import make_cholecseg8k
@@ -20,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",
         "loop.budget=3", "loop.n_rounds=2", "scoring.batch_size=8"]
 REPORT_FILES = ["learning_curves.png", "rounds.csv", "rounds.md", "aulc.csv", "aulc.md", "per_video.csv",
-                "per_video.md", "report.html"]
+                "per_video.md", "report.html", "headline.md", "round_differences.csv", "frames_to_target.csv",
+                "frames_to_target.md", "per_class_rounds.csv", "per_class_aulc.csv", "per_class_aulc.md",
+                "per_class_curves.png"]
 
 
 def _sets(*items: str) -> list[str]:
@@ -39,11 +45,13 @@ def _initial_set(manifest: Path) -> set[str]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_strategies_two_seeds_two_rounds_and_the_report(ray_local, demo_manifest, tmp_path, capsys):
+def test_two_strategies_three_seeds_two_rounds_the_full_data_reference_and_the_report(
+        ray_local, demo_manifest, tmp_path, capsys):
     out = tmp_path / "run"
-    strategies, seeds = ("random", "alges-img-kcenter"), (0, 1)
+    strategies, seeds = ("random", "alges-img-kcenter"), (0, 1, 2)
     args = ["run", "--pool", str(demo_manifest), "--out", str(out), "--no-dashboard",
-            *_sets(*FAST, "loop.strategies=[random, alges-img-kcenter]", "loop.seeds=[0, 1]")]
+            *_sets(*FAST, "loop.strategies=[random, alges-img-kcenter]", "loop.seeds=[0, 1, 2]",
+                   "loop.full_data_reference=true")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "report.html" in printed and "alges-img-kcenter" in printed
@@ -80,7 +88,7 @@ def test_two_strategies_two_seeds_two_rounds_and_the_report(ray_local, demo_mani
     for row in table:
         dice = np.array([float(r["dice"]) for r in results
                          if r["strategy"] == row["strategy"] and r["round"] == row["round"]])
-        assert len(dice) == 2 and int(row["n_seeds"]) == 2
+        assert len(dice) == 3 and int(row["n_seeds"]) == 3
         np.testing.assert_allclose(float(row["dice_mean"]), dice.mean(), rtol=1e-9)
         np.testing.assert_allclose(float(row["dice_std"]), dice.std(ddof=1), rtol=1e-9, atol=1e-12)
     # the curves drawn are the table's points
@@ -102,8 +110,9 @@ def test_two_strategies_two_seeds_two_rounds_and_the_report(ray_local, demo_mani
         np.testing.assert_allclose(float(aulc[s]["aulc_mean"]), np.mean(per_seed), rtol=1e-9)
     videos = _csv(report / "per_video.csv")
     assert sum(int(r["n_selected"]) for r in videos) == len(queries)
-    page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 1 + len(strategies)  # images inline: opens offline
+    page = html.unescape((report / "report.html").read_text())
+    assert page.count("data:image/png;base64,") == 2 + len(strategies)  # images inline: opens offline
+    _check_statistics(out, page, results, seeds)
     assert "http://" not in page and "https://" not in page
 
     # the report renders from the finished run folder alone
@@ -149,3 +158,34 @@ def test_paper_protocol_shrunken_runs_end_to_end_on_the_cholecseg8k_fixture(ray_
     recorded = (out / "config.yaml").read_text()  # the paper's settings that were not shrunk
     assert "normalize: none" in recorded and "lr: 5.0e-05" in recorded
     assert (out / "report" / "report.html").exists()
+
+
+def _check_statistics(out: Path, page: str, results: list[dict[str, str]], seeds: tuple[int, ...]) -> None:
+    """The full-data reference, Dice per class and the paired statistics of a finished demo run."""
+    pool, encoding = read_manifest(out / "initial" / "manifest.parquet")
+    n_masked = filter_manifest(pool, split="pool").num_rows  # every demo pool frame has a mask
+    reference = _csv(out / "reference.csv")
+    assert [(int(r["seed"]), int(r["n_labeled"])) for r in reference] == [(s, n_masked) for s in seeds]
+    for seed in seeds:  # trained from the seed's own initial weights, on every masked pool frame
+        record = json.loads((out / "reference" / f"seed_{seed}" / "record.json").read_text())
+        assert record["dice"] == pytest.approx(np.mean(record["dice_per_class"]))  # dice_classes: all
+    done = (out / "reference" / "seed_0" / "record.json").stat().st_mtime_ns
+    cfg = load_config(out / "config.yaml")
+    Experiment(cfg, out, Path(cfg.data.pool)).reference(0)  # resumable: a finished reference is not redone
+    assert (out / "reference" / "seed_0" / "record.json").stat().st_mtime_ns == done
+    per_class = _csv(out / "results_per_class.csv")
+    assert len(per_class) == len(results) * encoding.n_classes
+    assert {r["class_name"] for r in per_class} == set(encoding.class_names)
+    for r in results:  # the classes' paper Dice averages to the round's Dice
+        mine = [float(c["dice"]) for c in per_class
+                if (c["strategy"], c["seed"], c["round"]) == (r["strategy"], r["seed"], r["round"])]
+        assert np.mean(mine) == pytest.approx(float(r["dice"]))
+    headline = (out / "report" / "headline.md").read_text().strip()
+    assert headline.startswith("alges-img-kcenter ") and "random's 10-frame Dice (paper)" in headline
+    assert headline in page
+    aulc = {r["strategy"]: r for r in _csv(out / "report" / "aulc.csv")}
+    assert float(aulc["random"]["vs_random_p"]) == 1 and int(aulc["alges-img-kcenter"]["vs_random_n_pairs"]) == 3
+    assert float(aulc["alges-img-kcenter"]["vs_random_p"]) >= 0.25  # 3 seeds: the exact test's floor
+    for needle in ("Frames to target", "90% of the full-data Dice (paper)", "Per class", "Full-data reference: 3 seeds",
+                   "With 3 seeds the exact test cannot give p below 0.25", "Paired difference to random at each round"):
+        assert needle in page, needle

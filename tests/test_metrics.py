@@ -71,3 +71,38 @@ def test_label_errors_are_explained():
         paper_dice(torch.full((1, 2, 2), 4), torch.zeros(1, 2, 2, dtype=torch.long), n_classes=2)
     with pytest.raises(ValueError, match="argmax"):
         confusion_matrix(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), n_classes=2)
+
+
+class _PredictsChannelZero(torch.nn.Module):
+    """A 'model' whose prediction is written in the image: channel 0 holds the label map."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.n_classes = n_classes
+
+    def forward(self, images):
+        return torch.nn.functional.one_hot(images[:, 0].long(), self.n_classes).permute(0, 3, 1, 2).float()
+
+
+def test_evaluate_per_class_dice_matches_numpy_and_averages_to_the_paper_dice(seed):
+    from alges_dist.evaluation import evaluate
+
+    rng = np.random.default_rng(seed)
+    pred = rng.integers(0, 4, size=(5, 9, 11))
+    target = rng.integers(0, 4, size=(5, 9, 11))
+    target[:, 0] = 255
+    pred[pred == 3], target[target == 3] = 2, 2  # class 3 absent from both: paper Dice 1, dataset Dice None
+    images = torch.from_numpy(np.repeat(pred[:, None], 3, axis=1)).float()
+    batches = [(images[:3], torch.from_numpy(target[:3])), (images[3:], torch.from_numpy(target[3:]))]
+    got = evaluate(_PredictsChannelZero(4), batches, n_classes=4, dice_classes=[0, 2, 3])
+    per_class = np.array([_numpy_paper_dice(pred, target, 4, [k], 255).mean() for k in range(4)])
+    np.testing.assert_allclose(got["dice_per_class"], per_class, rtol=1e-6)
+    assert got["dice_per_class"][3] == 1.0
+    assert got["dice"] == pytest.approx(np.mean(per_class[[0, 2, 3]]), rel=1e-6)
+    valid = target != 255
+    ref = sk_confusion(target[valid], pred[valid], labels=range(4))
+    tp = np.diag(ref)
+    np.testing.assert_allclose(got["dataset_dice_per_class"][:3], 2 * tp[:3] / (ref.sum(0) + ref.sum(1))[:3], rtol=1e-6)
+    assert got["dataset_dice_per_class"][3] is None
+    with pytest.raises(ValueError, match="dice_classes \\[7\\]"):
+        evaluate(_PredictsChannelZero(4), batches, n_classes=4, dice_classes=[7])

@@ -67,6 +67,20 @@ def draw_initial_set(pool: str, out: str, n: int, seed: int) -> int:
     return labeled
 
 
+def full_data_manifest(pool: str, out: str) -> int:
+    """The full-data reference's manifest: every pool frame with a mask labeled (round 0; frames
+    labeled in the pool already stay labeled). Returns the labeled count."""
+    table, encoding = read_manifest(pool)
+    unlabeled = filter_manifest(table, split="pool", labeled=False)
+    masked = unlabeled.filter(pc.is_valid(unlabeled["mask_uri"]))["frame_id"].to_pylist()
+    table = mark_labeled(table, masked, 0)
+    labeled = filter_manifest(table, split="pool", labeled=True).num_rows
+    if labeled == 0:
+        raise ValueError(f"loop.full_data_reference: no pool frame of {pool} has a mask to train on")
+    write_manifest(table, out, encoding)
+    return labeled
+
+
 def label_frames(manifest: str, picks: list[str], round_index: int, *,
                  mask_uris: dict[str, str] | None = None, image_uris: dict[str, str] | None = None) -> int:
     """Mark ``picks`` labeled in ``round_index`` (with new mask / image files where given) and
