@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 # Ray Train V2 settings for short local fits, measured in scripts/bench_local.py: the
 # controller polls its workers every 2 s by default, and the preemption watcher and
-# metrics actors cost a worker process each per fit. Set before Ray starts so every
-# process of the instance inherits them (Ray Train also forwards them to its controller).
+# metrics actors cost a worker process each per fit. Ray Train reads them from the driver's
+# environment at each fit() and forwards them to its controller; clusters keep the defaults.
 LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -94,8 +94,6 @@ class RaySession:
             log.info(self.description)
             return self
         bind_to_loopback()
-        for key, value in LOCAL_TRAIN_ENV.items():
-            os.environ.setdefault(key, value)
         self.started_at = time.time()
         self.owned = True
         # Ray's own INFO lines (every worker start, every report) drown the command's
@@ -109,6 +107,8 @@ class RaySession:
             log_to_driver=False,
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         )
+        for key, value in LOCAL_TRAIN_ENV.items():  # after ray.init: the driver's fits only
+            os.environ.setdefault(key, value)
         node = ray._private.worker.global_worker.node
         self.session_dir = Path(node.get_session_dir_path())
         self.raylet_pid = _raylet_pid(node)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,11 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
     value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
     score (top-k), NaN (random).
     """
+    import psutil
+
     from alges_dist.selection import select
 
-    t0 = time.perf_counter()
+    t0, rss_start = time.perf_counter(), psutil.Process().memory_info().rss
     cfg = Config.model_validate(config)
     spec, opts = get_strategy(strategy), cfg.selection
     column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
@@ -186,4 +189,8 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
         "backend": picked.backend,
         "n_shards": n_shards,
         "seconds": time.perf_counter() - t0,
+        # this worker's memory: after its imports, and at its peak (scripts/bench_scale.py)
+        "rss_start_mb": rss_start / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "column_mb": 0 if values is None or pool is not None else values.nbytes / 2**20,
     }

@@ -73,22 +73,26 @@ def _call_and_locate(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple
 
 
 @functools.cache
-def _remote(num_cpus: float, num_gpus: float):
+def _remote(num_cpus: float, num_gpus: float, fresh: bool):
     import ray
 
     # A worker crash is retried once; an exception in fn is the stage's error, not retried.
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(_call_and_locate)
+    # fresh: the worker process exits after the task (its memory and device go back at once).
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1,
+                      **({"max_calls": 1} if fresh else {}))(_call_and_locate)
 
 
-def on_worker(fn: Callable[..., Any], *args: Any, gpu: bool = False, cpus: float = 1, **kwargs: Any) -> tuple[Any, Where]:
+def on_worker(fn: Callable[..., Any], *args: Any, gpu: bool = False, cpus: float = 1, fresh: bool = False,
+              **kwargs: Any) -> tuple[Any, Where]:
     """``fn(*args, **kwargs)`` as a Ray task (one GPU when ``gpu``); returns (result, where).
 
-    ``fn`` must be importable by workers (a module-level function of this package).
-    Exceptions raised by ``fn`` are re-raised here with their own type.
+    ``fn`` must be importable by workers (a module-level function of this package). fresh:
+    run it in a worker process of its own, which exits afterwards. Exceptions raised by
+    ``fn`` are re-raised here with their own type.
     """
     import ray
 
-    ref = _remote(cpus, 1 if gpu else 0).remote(fn, args, kwargs)
+    ref = _remote(cpus, 1 if gpu else 0, fresh).remote(fn, args, kwargs)
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:

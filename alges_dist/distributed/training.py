@@ -86,6 +86,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     where = here(str(device)).as_dict()
     progress = Path(loop_config["progress"]) if rank == 0 and loop_config.get("progress") else None
     for epoch in range(start_epoch, cfg.train.epochs):
+        epoch_started = time.perf_counter()
         if fault.get("kill_at_epoch") == epoch and rank == 0 and not Path(fault["marker"]).exists():
             Path(fault["marker"]).touch()
             os._exit(1)  # simulated node loss: Ray Train restarts from the last checkpoint
@@ -113,6 +114,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 device=device,
             )
             metrics.update(val_dice=val["dice"], val_miou=val["miou"])
+        metrics["seconds"] = time.perf_counter() - epoch_started  # the epoch's own work (bench_local: fixed cost)
         history.append({**metrics, "resumed_from_epoch": start_epoch})
         if progress is not None:  # the driver's console reads it (one line per fit, or a bar on a TTY)
             atomic_write_text(progress, json.dumps({"epochs": cfg.train.epochs, **history[-1]}))
