@@ -123,7 +123,8 @@ class VideoInfo(NamedTuple):
     guessed_rate: Fraction | None
     n_frames: int  # 0 when the container does not say
     duration: Fraction  # seconds from the first frame's time
-    cfr: bool  # constant frame rate: average == guessed rate and the frame count fits the duration
+    cfr: bool | None  # constant frame rate: average == guessed rate and the frame count fits the
+    # duration; None when the container states no frame count (mkv, ts): then it cannot tell
 
     @property
     def rate(self) -> Fraction:
@@ -184,7 +185,7 @@ def probe_video(path: str | os.PathLike[str], *, max_pixels: int | None = None) 
                 raise VideoError(f"{path}: no duration in the headers and no video packets in the file")
             duration = times[-1] + (1 / avg if avg else 0)
         n_frames = int(stream.frames or 0)
-        cfr = bool(avg and guessed and avg == guessed and (not n_frames or abs(n_frames - duration * avg) <= 1))
+        cfr = None if not n_frames else bool(avg and avg == guessed and abs(n_frames - duration * avg) <= 1)
         return VideoInfo(os.fspath(path), stream.codec_context.name, width, height, tb, start, avg, guessed,
                          n_frames, duration, cfr)
 
