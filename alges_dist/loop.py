@@ -31,7 +31,7 @@ from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, sc
 from alges_dist.distributed.training import initial_weights, train_model
 from alges_dist.evaluation import evaluate
 from alges_dist.models import load_model
-from alges_dist.handoff import collect_masks, write_batch
+from alges_dist.handoff import collect_masks, frames_as_files, write_batch
 from alges_dist.run_folder import RunLayout, package_versions
 from alges_dist.selection import select
 from alges_dist.strategies import get_strategy, score_column
@@ -91,7 +91,8 @@ class Experiment(RunLayout):
 
         Drawn once (``loop.initial_seed``) and shared by every strategy and seed, so
         their curves start from the same labels; a pool that already has labeled
-        frames keeps them as the initial set.
+        frames keeps them as the initial set. Labeled, val and test video frames become
+        PNG files here (``RUN/initial/frames``): training and evaluation read files.
         """
         path = self.initial_manifest_path
         if path.exists():
@@ -102,6 +103,11 @@ class Experiment(RunLayout):
             picks = select("random", np.zeros(len(ids), bool), self.cfg.loop.initial_labeled,
                            seed=_round_seed(self.cfg.loop.initial_seed, -1))
             table = mark_labeled(table, ids[picks.indices].tolist(), 0)
+        needs_file = pc.and_(pc.or_(pc.is_valid(table["labeled_round"]), pc.not_equal(table["split"], "pool")),
+                             pc.and_(pc.is_valid(table["mask_uri"]), pc.match_substring(table["image_uri"], "#t=")))
+        to_files = table.filter(needs_file)["frame_id"].to_pylist()
+        if to_files:
+            table = frames_as_files(Manifest(table, encoding), to_files, self.out / "initial").table
         write_manifest(table, path, encoding)
         return path
 
@@ -145,7 +151,7 @@ class Experiment(RunLayout):
         return model.to(self.device)
 
     def evaluate(self, strategy: str, seed: int, r: int) -> None:
-        table, encoding = read_manifest(self.pool)
+        table, encoding = read_manifest(self.initial_manifest())  # test frames as files, not video seeks
         test = filter_manifest(table, split="test")
         loader = torch.utils.data.DataLoader(
             FrameDataset(test, encoding, tuple(self.cfg.data.image_size), self.cfg.data.normalize), batch_size=self.cfg.scoring.batch_size
@@ -217,6 +223,7 @@ class Experiment(RunLayout):
         missing = rows.filter(pc.is_null(rows["mask_uri"]))["frame_id"].to_pylist()
         if missing:
             raise ValueError(f"simulated oracle: frames {missing[:5]} have no mask_uri in {self.pool}")
+        manifest = frames_as_files(manifest, picks, self.round_dir(strategy, seed, r))
         table = mark_labeled(manifest.table, picks, r + 1)
         write_manifest(table, self.manifest_path(strategy, seed), manifest.encoding)
 
@@ -232,7 +239,7 @@ class Experiment(RunLayout):
             raise ValueError(f"{strategy}/seed {seed} in {self.out} has no selection waiting for labels")
         r = pending[0]
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
-        manifest = self.manifest(strategy, seed)
+        manifest = frames_as_files(self.manifest(strategy, seed), picks, self.round_dir(strategy, seed, r))
         copies = collect_masks(picks, manifest, masks, self.round_dir(strategy, seed, r) / "labels")
         table = manifest.table
         new_uri = [copies.get(f, u) for f, u in zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist())]

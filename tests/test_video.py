@@ -247,3 +247,12 @@ def test_endovis_clip_at_native_rate_and_2_fps(shared_data):
     for i, rgb, error in iter_frames(path, times):
         assert error is None
         np.testing.assert_array_equal(rgb, sequential[5 * i])
+
+
+def test_sparse_targets_past_the_only_keyframe_do_not_seek_in_circles(tmp_path):
+    # one keyframe (GOP 250 > 60 frames), targets farther apart than the seek gap: every
+    # seek lands on frame 0; the decoder must go forward instead of seeking again
+    path = encode_stamped(tmp_path / "one_gop.mp4", 60, fps=1)
+    results = list(iter_frames(path, [Fraction(59), Fraction(2), Fraction(30)], seek_gap_s=Fraction(5)))
+    assert [(i, read_stamp(rgb)) for i, rgb, _ in results] == [(1, 2), (2, 30), (0, 59)]
+    assert read_stamp(read_frame(path, Fraction(59))) == 59

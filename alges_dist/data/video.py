@@ -33,6 +33,8 @@ from typing import NamedTuple
 import av
 import numpy as np
 
+from alges_dist.data.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "read_frame",
     "sample_times",
     "video_uri",
+    "write_h264",
 ]
 
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".mkv", ".mov", ".avi", ".ts", ".m4v", ".webm", ".mpg", ".mpeg")
@@ -271,13 +274,19 @@ def iter_frames(
             return
         stream.codec_context.thread_count = 1
         tb, start = Fraction(stream.time_base), stream.start_time or 0
-        k = 0
+        k, position = 0, None
         while k < len(targets):
-            k = yield from _decode_forward(container, stream, tb, start, targets, order, k, where, seek_gap_s)
+            k, position = yield from _decode_forward(container, stream, tb, start, targets, order, k, where,
+                                                     seek_gap_s, position)
 
 
-def _decode_forward(container, stream, tb, start, targets, order, k, where, seek_gap_s):
-    """One seek to ``targets[k]`` and a forward decode; yields results, returns the next k."""
+def _decode_forward(container, stream, tb, start, targets, order, k, where, seek_gap_s, position):
+    """One seek to ``targets[k]`` and a forward decode; yields results, returns (next k, time decoded to).
+
+    ``position``: where the previous pass stopped. A seek that lands at or before it (the
+    keyframe before the target is behind us) must not be repeated: then this pass decodes
+    forward and seeks again only after a keyframe past ``position``.
+    """
     n = len(targets)
     cache: list = []
     try:
@@ -285,8 +294,9 @@ def _decode_forward(container, stream, tb, start, targets, order, k, where, seek
     except av.FFmpegError as err:
         for j in range(k, n):
             yield order[j], None, f"{where}#t={format_seconds(targets[j])}: seek failed ({err})"
-        return n
+        return n, position
     prev: _Frame | None = None
+    may_seek: bool | None = None  # decided by where the seek landed
     damaged = False  # a packet failed since the last keyframe: frames decoded now are unreliable
     lost_from: Fraction | None = None  # earliest time of a frame lost since `prev`
     n_bad = 0
@@ -319,18 +329,22 @@ def _decode_forward(container, stream, tb, start, targets, order, k, where, seek
                 if frame.key_frame:
                     damaged = False
                 entry = _Frame(frame, (frame.pts - start) * tb, damaged)
+                if may_seek is None:
+                    may_seek = position is None or entry.t > position
+                elif frame.key_frame and (position is None or entry.t > position):
+                    may_seek = True  # a seek from here on lands past where we have been
                 while k < n and targets[k] < entry.t:  # their on-screen frame is the one before
                     yield result(k, prev if prev is not None else entry, lost_from)
                     k += 1
                 prev, lost_from = entry, None
                 if k == n:
-                    return n
-                if targets[k] - entry.t > seek_gap_s:
-                    return k  # cheaper to seek than to decode that far
+                    return n, entry.t
+                if may_seek and targets[k] - entry.t > seek_gap_s:
+                    return k, entry.t  # cheaper to seek than to decode that far
     except av.FFmpegError as err:  # the container itself broke mid-file
         for j in range(k, n):
             yield order[j], None, f"{where}#t={format_seconds(targets[j])}: demuxing failed ({err})"
-        return n
+        return n, position
     # End of stream: the last frame stays on screen for its duration, then the video is over.
     if prev is not None:
         rate = stream.average_rate or stream.guessed_rate
@@ -344,7 +358,7 @@ def _decode_forward(container, stream, tb, start, targets, order, k, where, seek
         ends = f"video ends at t={float(end):.3f} s" if prev is not None else "no frame decodes"
         probed = f" (headers say {float(stated):.3f} s: truncated?)" if stated is not None else ""
         yield order[j], None, f"{where}#t={format_seconds(targets[j])}: {ends}{probed}"
-    return n
+    return n, prev.t if prev is not None else position
 
 
 def read_frame(path: str | os.PathLike[str], t: Fraction, *, max_pixels: int | None = None) -> np.ndarray:
@@ -353,3 +367,30 @@ def read_frame(path: str | os.PathLike[str], t: Fraction, *, max_pixels: int | N
     if error is not None:
         raise VideoError(error)
     return rgb
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def write_h264(path: str | os.PathLike[str], frames: np.ndarray, *, fps: int | Fraction, crf: int = 18,
+               gop: int = 250, preset: str = "veryfast") -> Path:
+    """Encode uint8 RGB frames ``(T, H, W, 3)`` (even H and W) as an H.264 mp4, atomically.
+
+    For generated pools (the demo) and benchmarks; ``gop=250`` is x264's default keyframe
+    interval, as in real recordings. One encoder thread, so the same frames give the same bytes.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"H.264 in yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps))
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            stream.codec_context.thread_count = 1
+            stream.options = {"preset": preset, "crf": str(crf), "g": str(gop)}
+            for rgb in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            container.mux(stream.encode())
+    return Path(path)
