@@ -33,6 +33,7 @@ import numpy as np
 
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.handoff import contact_sheet, predict_masks
+from alges_dist.near_picks import near_pick_column
 from alges_dist.run_folder import RunLayout, read_results
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ def write_report(run: Path, metric: str = "dice") -> Path:
     out = run / "report"
     out.mkdir(exist_ok=True)
     table = round_table(rows)
+    near_pick_column(table, run, cfg)  # picks near another pick or label of their video (issue 11)
     write_csv(table, out / "rounds.csv")
     atomic_write_text(out / "rounds.md", markdown_table(table) + "\n")
     areas = aulc_table(rows, metric)
