@@ -164,6 +164,25 @@ def test_far_apart_targets_seek_again_and_stay_exact(clips):
     assert [read_stamp(rgb) for _, rgb, _ in results] == [5, 125, 225]
 
 
+def test_times_count_from_the_stream_start_time(clips, tmp_path):
+    """A remux to MPEG-TS with timestamps shifted by 1.5 s: t is relative to stream.start_time."""
+    src = encode_stamped(tmp_path / "src.mp4", 100, gop=30)
+    shifted = tmp_path / "shifted.ts"
+    with av.open(str(src)) as source, av.open(str(shifted), "w") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is None:
+                continue
+            offset = int(Fraction(3, 2) / packet.time_base)
+            packet.pts, packet.dts, packet.stream = packet.pts + offset, packet.dts + offset, stream
+            target.mux(packet)
+    info = probe_video(shifted)
+    assert info.start_pts * info.time_base == Fraction(3, 2) and info.duration == 4
+    times = [Fraction(k, 2) for k in range(8)]
+    assert [read_stamp(rgb) for _, rgb, _ in iter_frames(shifted, times)] == [int(25 * t) for t in times]
+    assert packet_times(shifted)[:2] == [Fraction(0), Fraction(1, 25)]
+
+
 def test_stamps_survive_the_codec(clips):
     path, _ = clips["gop250"]
     decoded = read_frame(path, Fraction(3))
