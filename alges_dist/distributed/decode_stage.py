@@ -129,8 +129,11 @@ def decoded_pool(manifest: Path, *, size: tuple[int, int], batch_size: int, min_
     n_video = pc.sum(is_video).as_py() or 0
     parts = []
     if n_video < rows.num_rows or n_video == 0:
-        ds = ray.data.read_parquet(str(manifest)).select_columns(["frame_id", "image_uri", "split"])
-        ds = ds.filter(expr=col("split") == "pool")  # pushed down into the Parquet read
+        if n_video == 0:
+            ds = ray.data.read_parquet(str(manifest)).select_columns(["frame_id", "image_uri", "split"])
+            ds = ds.filter(expr=col("split") == "pool")  # pushed down into the Parquet read
+        else:  # a mixed pool: only its image rows, so no batch of this branch comes out empty
+            ds = ray.data.from_arrow(rows.filter(pc.invert(is_video)))
         # One manifest file is one block; split it so every actor gets work and a lost
         # actor redoes one block, not the pool. Rows here are ids and URIs: cheap to shuffle.
         ds = ds.repartition(max(min_blocks, -(-pq.ParquetFile(manifest).metadata.num_rows // rows_per_block)))
