@@ -139,24 +139,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        clip_seconds = max(args.seconds, args.job_seconds)
-        start = time.perf_counter()
-        clip = encode_clip(tmp / "clip.mp4", seconds=clip_seconds, width=args.width, height=args.height)
-        print(f"encoded {clip_seconds} s of {args.width}x{args.height} H.264 (GOP 250) in "
-              f"{time.perf_counter() - start:.0f} s, {clip.stat().st_size / 1e6:.1f} MB", flush=True)
-        if args.seconds < clip_seconds:  # decode rates on the first --seconds only
-            clip_short = tmp / "clip_short.mp4"
-            with av.open(str(clip)) as src, av.open(str(clip_short), "w") as dst:
-                stream = dst.add_stream_from_template(src.streams.video[0])
-                for packet in src.demux(src.streams.video[0]):
-                    if packet.dts is not None and packet.pts is not None and \
-                            packet.pts * packet.time_base < args.seconds:
-                        packet.stream = stream
-                        dst.mux(packet)
-        else:
-            clip_short = clip
-        rates = decode_rates(clip_short, tmp / "png")
-        job = job_rates(clip, args.job_seconds, args.job_size, tmp) if args.job_seconds else None
+        clips = {}
+        for seconds in sorted({args.seconds, args.job_seconds} - {0}):
+            start = time.perf_counter()
+            clips[seconds] = encode_clip(tmp / f"clip_{seconds}.mp4", seconds=seconds, width=args.width,
+                                         height=args.height)
+            print(f"encoded {seconds} s of {args.width}x{args.height} H.264 (GOP 250) in "
+                  f"{time.perf_counter() - start:.0f} s, {clips[seconds].stat().st_size / 1e6:.1f} MB", flush=True)
+        rates = decode_rates(clips[args.seconds], tmp / "png")
+        job = job_rates(clips[args.job_seconds], args.job_seconds, args.job_size, tmp) if args.job_seconds else None
 
     print(f"\n{args.width}x{args.height} H.264, 25 fps, GOP 250, {rates['frames']} rows at 1 fps, "
           f"{os.cpu_count()} cores, one decoder thread, per CPU-second\n")
