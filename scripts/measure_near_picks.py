@@ -15,9 +15,12 @@ Smoke test (minutes on 2 cores): ``--set data.image_size=[64,64] --set train.epo
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub weights offline: asking retries for 20-50 s
 
 import pyarrow.parquet as pq
 import yaml
