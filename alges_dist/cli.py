@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--fps", default="1", help="frames per second of video to sample (default 1; 'native' = every "
                        "frame)")
     video.add_argument("--out", type=Path, required=True, help="manifest to write (POOL.parquet)")
-    video.add_argument("--masks", type=Path, help="folder of masks named FRAME_ID.png (rows without one stay unlabeled)")
+    video.add_argument("--masks", type=Path,
+                       help="folder of masks named FRAME_ID.png (rows without one stay unlabeled)")
     video.add_argument("--class-map", help="mask value -> class id, as for `ingest folder`")
     video.add_argument("--class-names", help="comma-separated class names for --class-map")
     video.add_argument("--split", choices=["video"], default="video", help="whole videos per split (the only choice)")

@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 # README, "Scoring": score_batch on one H100, Unet-resnet18 224x224 fp32
 H100_SCORE_FRAMES_PER_S = 2265.0

@@ -246,7 +246,8 @@ def test_load_image_decodes_a_video_uri_and_resizes_like_an_image(clips, tmp_pat
     rgb = read_frame(path, Fraction(5))
     assert read_stamp(rgb) == 150
     Image.fromarray(rgb).save(tmp_path / "frame.png")
-    np.testing.assert_array_equal(load_image(f"{path}#t=5", (48, 64)), load_image(str(tmp_path / "frame.png"), (48, 64)))
+    np.testing.assert_array_equal(load_image(f"{path}#t=5", (48, 64)),
+                                  load_image(str(tmp_path / "frame.png"), (48, 64)))
 
 
 # ---------------------------------------------------------------------------- a real clip

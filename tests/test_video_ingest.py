@@ -184,7 +184,7 @@ def test_decompression_bomb_at_folder_ingest_fails_naming_the_file(tmp_path):
 
 def test_100_megapixel_frames_are_refused_and_the_cap_is_configurable(tmp_path):
     bomb = write_png_bomb(tmp_path / "big.png", 10000, 10000)
-    with pytest.raises(FrameDecodeError, match=r"big\.png: 10000x10000 = 100\.0 megapixels, more than the cap of 40 MP"):
+    with pytest.raises(FrameDecodeError, match=r"big\.png: 10000x10000 = 100\.0 megapixels, more than the cap of 40"):
         load_image(str(bomb))
     (tmp_path / "frames").mkdir()
     small = tmp_path / "frames" / "small.png"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +20,7 @@ from alges_dist.distributed.scoring_job import embedding_matrix, read_scores, sc
 from alges_dist.distributed.training import initial_weights
 from alges_dist.models import load_model
 from alges_dist.scoring import score_batch
-from video_fixtures import encode_stamped, overwrite_middle, read_stamp, truncate, write_png_bomb
+from video_fixtures import encode_stamped, overwrite_middle, truncate, write_png_bomb
 
 ENCODING = MaskEncoding(mode="threshold", threshold=127, class_names=["background", "foreground"])
 
@@ -90,7 +89,8 @@ def mixed_pool(tmp_path_factory):
     a truncated clip and a clip with garbage in the middle."""
     root = tmp_path_factory.mktemp("mixed")
     good = encode_stamped(root / "good.mp4", 125)
-    vfr = encode_stamped(root / "vfr.mp4", 150, pts_ms=[i * 40 for i in range(50)] + [2000 + i * 20 for i in range(100)])
+    vfr_ms = [i * 40 for i in range(50)] + [2000 + i * 20 for i in range(100)]
+    vfr = encode_stamped(root / "vfr.mp4", 150, pts_ms=vfr_ms)
     fast = encode_stamped(root / "fast.mp4", 250, gop=25, container_options={"movflags": "+faststart"})
     cut = truncate(fast, root / "cut.mp4", 0.5)
     rot = overwrite_middle(encode_stamped(root / "clean.mp4", 250), root / "rot.mp4", n_bytes=8192)
