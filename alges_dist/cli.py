@@ -76,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--fractions", default="0.7,0.15,0.15", help="pool,val,test shares (default 0.7,0.15,0.15)")
     folder.add_argument("--video-pattern", help="regex on the file stem with a named group 'video' "
                         "(and optionally 'index'), e.g. '(?P<video>seq\\d+)_(?P<index>\\d+)'")
+    folder.add_argument("--max-pixels", type=int, help="refuse frames above this many pixels (default 40000000)")
+    video = ingest_sub.add_parser(
+        "video", help="video files sampled at --fps frames per second (headers only: no frame is extracted)",
+        description="One row per sampled frame, image_uri = /abs/VIDEO.mp4#t=SECONDS (the frame on screen at that "
+        "time), frame_id = VIDEOID_FRAMEINDEX; whole videos per split; writes OUT.videos.parquet beside the manifest.")
+    video.add_argument("--videos", required=True, help="folder of videos (searched recursively) or a glob pattern")
+    video.add_argument("--fps", default="1", help="frames per second of video to sample (default 1; 'native' = every "
+                       "frame)")
+    video.add_argument("--out", type=Path, required=True, help="manifest to write (POOL.parquet)")
+    video.add_argument("--masks", type=Path,
+                       help="folder of masks named FRAME_ID.png (rows without one stay unlabeled)")
+    video.add_argument("--class-map", help="mask value -> class id, as for `ingest folder`")
+    video.add_argument("--class-names", help="comma-separated class names for --class-map")
+    video.add_argument("--split", choices=["video"], default="video", help="whole videos per split (the only choice)")
+    video.add_argument("--fractions", default="0.7,0.15,0.15", help="pool,val,test shares of frames (default "
+                       "0.7,0.15,0.15)")
+    video.add_argument("--skip-bad", action="store_true", help="record unusable files in the sidecar and go on")
+    video.add_argument("--max-pixels", type=int, help="refuse videos whose frames have more pixels (default 40000000)")
     chole = ingest_sub.add_parser(
         "cholecseg8k", help="the CholecSeg8k folder layout (13 classes, split by video)",
         description="Read videoNN/videoNN_XXXXX/frame_N_endo.png + frame_N_endo_watershed_mask.png; "
@@ -235,8 +253,21 @@ def _ingest(args: argparse.Namespace) -> int:
         names = args.class_names.split(",") if args.class_names else None
         encoding = parse_class_map(args.class_map, class_names=names) if args.class_map else None
         fractions = tuple(float(f) for f in args.fractions.split(","))
+        pixels = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
         table = ingest_folder(args.images, args.masks, args.out, encoding=encoding, split=args.split,
-                              fractions=fractions, video_pattern=args.video_pattern)
+                              fractions=fractions, video_pattern=args.video_pattern, **pixels)
+    elif args.source == "video":
+        from alges_dist.data.sources import parse_class_map
+        from alges_dist.data.video_source import ingest_video, sidecar_path
+
+        names = args.class_names.split(",") if args.class_names else None
+        encoding = parse_class_map(args.class_map, class_names=names) if args.class_map else None
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+        pixels = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+        table = ingest_video(args.videos, args.out, fps=args.fps, masks=args.masks, encoding=encoding,
+                             fractions=fractions, skip_bad=args.skip_bad, **pixels)
+        print(f"{table.num_rows} frames of {len(set(table['video_id'].to_pylist()))} videos; per-video facts in "
+              f"{sidecar_path(args.out)}")
     else:
         from alges_dist.config import load_config
         from alges_dist.data.cholecseg8k import CHOLECSEG8K_ENCODINGS, ingest_cholecseg8k

@@ -55,6 +55,9 @@ class DataConfig(_Section):
     split_videos: dict[Literal["pool", "val", "test"], list[str]] | None = Field(
         None, description="Video-to-split assignment recorded for sources split by video (CholecSeg8k)."
     )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Frames above this many pixels are refused unread (decompression bombs)."
+    )
 
     @field_validator("image_size")
     @classmethod

@@ -4,7 +4,8 @@ Everything between a selection and labels lives here, so the loop only decides *
 a batch goes out and *which* round its labels belong to:
 
 - :func:`write_batch` writes ``to_annotate.csv`` (rank, frame id, image) and a contact
-  sheet beside the selection;
+  sheet beside the selection; picked video frames become PNG files first
+  (:func:`batch_images`), and :func:`frames_as_files` points labeled rows at them;
 - :func:`collect_masks` matches returned masks to the picks (image suffixes only, one
   candidate per frame), validates every one against its frame and the pool's encoding,
   and copies them into the run folder: nothing is imported unless all of them pass,
@@ -112,10 +113,31 @@ def csv_cell(value: Any) -> Any:
 
 
 def batch_images(round_dir: Path, picks: list[str], manifest: Manifest) -> dict[str, str]:
-    """frame_id -> the image file annotators get for each pick (what every export lists)."""
+    """frame_id -> the image file annotators get for each pick (what every export lists).
+
+    A picked video frame (``VIDEO#t=SECONDS``) is written once as a lossless PNG of exactly
+    its decoded pixels, ``round_dir/frames/FRAME_ID.png``, and that file is listed.
+    """
+    from alges_dist.data.video import is_video_uri
+    from alges_dist.data.video_export import export_video_frames
+
     rows = manifest.table.filter(pc.is_in(manifest.table["frame_id"], pa.array(picks, pa.string())))
     uri = dict(zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()))
+    videos = {f: u for f, u in uri.items() if is_video_uri(u)}
+    if videos:
+        uri.update(export_video_frames(Path(round_dir) / "frames", videos))
     return {f: uri[f] for f in picks}
+
+
+def frames_as_files(manifest: Manifest, frame_ids: list[str], round_dir: Path) -> Manifest:
+    """``manifest`` with the rows of ``frame_ids`` pointing at their files (:func:`batch_images`),
+    so training and evaluation on labeled video frames never seek into a video."""
+    files = batch_images(round_dir, frame_ids, manifest)
+    table = manifest.table
+    uris = [files.get(f, u) for f, u in zip(table["frame_id"].to_pylist(), table["image_uri"].to_pylist())]
+    column = table.schema.get_field_index("image_uri")
+    return Manifest(table.set_column(column, table.schema.field("image_uri"), pa.array(uris, pa.string())),
+                    manifest.encoding)
 
 
 def write_batch(round_dir: Path, picks: list[str], manifest: Manifest) -> Path:

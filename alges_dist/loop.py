@@ -29,7 +29,7 @@ import yaml
 from alges_dist.config import RESUMABLE_KEYS, Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
-from alges_dist.data.manifest import read_manifest
+from alges_dist.data.manifest import read_manifest, set_uris
 from alges_dist.data.rounds import (
     count_labeled,
     draw_initial_set,
@@ -40,7 +40,7 @@ from alges_dist.data.rounds import (
 )
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
-from alges_dist.handoff import collect_masks, correction_summary, push_to_labelstudio, write_batch
+from alges_dist.handoff import batch_images, collect_masks, correction_summary, push_to_labelstudio, write_batch
 from alges_dist.run_folder import RunLayout, check_settings, fingerprint, forced_changes, package_versions
 from alges_dist.strategies import get_strategy, score_column
 
@@ -126,12 +126,13 @@ class Experiment(RunLayout):
 
         Drawn once (``loop.initial_seed``) and shared by every strategy and seed, so
         their curves start from the same labels; a pool that already has labeled
-        frames keeps them as the initial set.
+        frames keeps them as the initial set. Labeled, val and test video frames become
+        PNG files here (``RUN/initial/frames``): training and evaluation read files.
         """
         path = self.initial_manifest_path
         if not path.exists():
             on_worker(draw_initial_set, str(self.pool.resolve()), str(path.resolve()), self.cfg.loop.initial_labeled,
-                      _round_seed(self.cfg.loop.initial_seed, -1))
+                      _round_seed(self.cfg.loop.initial_seed, -1), max_pixels=self.cfg.data.max_pixels)
         return path
 
     def manifest_file(self, strategy: str, seed: int) -> Path:
@@ -186,7 +187,8 @@ class Experiment(RunLayout):
     def evaluate(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         from alges_dist.distributed.evaluation_job import evaluate_checkpoint
 
-        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.pool.resolve()),
+        # the initial manifest: its test frames are files (video frames written once), never video seeks
+        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.initial_manifest().resolve()),
                                   str(self.model_path(strategy, seed, r).resolve()), gpu=self.use_gpu,
                                   cpus=self.cfg.scoring.cpus_per_actor)
         atomic_write_text(self.eval_path(strategy, seed, r), json.dumps({**scores, "where": where.as_dict()}, indent=1))
@@ -203,7 +205,8 @@ class Experiment(RunLayout):
         if self.reference_record_path(seed).exists():
             return
         if not self.reference_manifest_path.exists():
-            on_worker(full_data_manifest, str(self.pool.resolve()), str(self.reference_manifest_path.resolve()))
+            on_worker(full_data_manifest, str(self.pool.resolve()), str(self.reference_manifest_path.resolve()),
+                      max_pixels=self.cfg.data.max_pixels)
         if not self.reference_model_path(seed).exists():
             self._notify("start", "train", "full-data reference", seed, 0, {})
             init = self.init_weights_path(seed)
@@ -212,7 +215,8 @@ class Experiment(RunLayout):
             result = train_model(cfg, self.reference_manifest_path, init_weights=init, out_dir=self.reference_dir(seed),
                                  use_gpu=self.use_gpu, on_progress=self.on_progress)
             self._notify("done", "train", "full-data reference", seed, 0, {"seconds": result.seconds})
-        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.pool.resolve()),
+        # the initial manifest: its test frames are files (video frames written once), never video seeks
+        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.initial_manifest().resolve()),
                                   str(self.reference_model_path(seed).resolve()), gpu=self.use_gpu,
                                   cpus=cfg.scoring.cpus_per_actor)
         record = {"seed": seed, "n_labeled": count_labeled(self.reference_manifest_path), **scores,
@@ -289,7 +293,9 @@ class Experiment(RunLayout):
                 f"labelstudio|cvat|coco, then alges label --from EXPORT), and rerun this command"
             )
         # simulated oracle: the pool's own masks (checked to exist before the run started)
-        n_labeled, _ = on_worker(label_frames, str(manifest.resolve()), picks, r + 1)
+        n_labeled, _ = on_worker(label_frames, str(manifest.resolve()), picks, r + 1,
+                                 frames_dir=str(self.round_dir(strategy, seed, r).resolve()),
+                                 max_pixels=self.cfg.data.max_pixels)
         return {"n_labeled": n_labeled}
 
     def pending_round(self, strategy: str, seed: int) -> int:
@@ -309,8 +315,11 @@ class Experiment(RunLayout):
         r = self.pending_round(strategy, seed)
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         manifest = self.manifest_file(strategy, seed)
-        copies = collect_masks(picks, read_manifest(manifest), masks, self.round_dir(strategy, seed, r) / "labels")
-        label_frames(str(manifest), picks, r + 1, mask_uris=copies)
+        table = read_manifest(manifest)
+        files = batch_images(self.round_dir(strategy, seed, r), picks, table)  # video picks as PNG files
+        copies = collect_masks(picks, table._replace(table=set_uris(table.table, "image_uri", files)), masks,
+                               self.round_dir(strategy, seed, r) / "labels")
+        label_frames(str(manifest), picks, r + 1, mask_uris=copies, image_uris=files)
         return r
 
     # ---- driving -----------------------------------------------------------------

@@ -54,6 +54,7 @@ from alges_dist.report_statistics import (
     per_class_round_table,
     round_differences,
 )
+from alges_dist.near_picks import near_pick_column
 from alges_dist.run_folder import RunLayout, read_results
 from alges_dist.statistics import MAX_EXACT_SIGN_FLIPS, MIN_SEEDS_FOR_INTERVAL, aulc
 
@@ -269,6 +270,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     out = run / "report"
     out.mkdir(exist_ok=True)
     table = round_table(rows)
+    near_pick_column(table, run, cfg)  # picks near another pick or label of their video (issue 11)
     _write_table(table, out, "rounds")
     areas = aulc_table(rows, metric, compared)
     _write_table(areas, out, "aulc")

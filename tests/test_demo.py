@@ -1,4 +1,4 @@
-"""The generated (synthetic) demo pool: deterministic, video-like, exact masks, atomic."""
+"""The generated (synthetic) demo pool: deterministic, video-like, exact masks, atomic; stored as H.264 videos."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from alges_dist.data import demo
 from alges_dist.data.demo import DEMO_CLASS_NAMES, DEMO_ENCODING, demo_pool, synthetic_video
 from alges_dist.data.frames import load_image, load_mask
 from alges_dist.data.manifest import read_manifest
+from alges_dist.data.video import parse_video_uri
+from alges_dist.data.video_source import sidecar_path
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,10 @@ def test_default_pool_is_six_videos_split_by_video(default_pool):
     assert split_of == {f"synth{v:02d}": s for v, s in enumerate(["pool"] * 4 + ["val", "test"])}
     assert [r["frame_id"] for r in rows[:2]] == ["synth00_000000", "synth00_000001"]
     assert all(r["labeled_round"] is None for r in rows)
+    # the archive layout: rows address frames of H.264 videos, one per second
+    assert [parse_video_uri(r["image_uri"]) for r in rows[:2]] == [(str(path.parent / "videos" / "synth00.mp4"), t)
+                                                                   for t in (0, 1)]
+    assert sidecar_path(path).is_file()
     image = load_image(rows[0]["image_uri"])
     assert image.shape == (128, 128, 3) and image.dtype == np.uint8
 
@@ -50,7 +56,23 @@ def test_stored_masks_are_exactly_the_generated_label_maps(default_pool):
     rows = [r for r in table.to_pylist() if r["video_id"] == "synth04"]
     for t in (0, 17, 49):
         np.testing.assert_array_equal(load_mask(rows[t]["mask_uri"], encoding), video.masks[t])
-        np.testing.assert_array_equal(load_image(rows[t]["image_uri"]), video.images[t])
+        # H.264 is lossy: the decoded frame is the rendered one up to coding noise, not another frame
+        error = np.abs(load_image(rows[t]["image_uri"]).astype(int) - video.images[t]).mean()
+        neighbour = np.abs(load_image(rows[t]["image_uri"]).astype(int) - video.images[t - 1 if t else 1]).mean()
+        assert error < 4 and error < neighbour, (error, neighbour)
+
+
+def test_frames_source_keeps_the_png_folder_path_with_the_same_rows(tmp_path):
+    frames = demo_pool(tmp_path, n_videos=3, frames_per_video=4, size=48, source="frames")
+    videos = demo_pool(tmp_path, n_videos=3, frames_per_video=4, size=48)
+    (table, encoding), (vtable, _) = read_manifest(frames), read_manifest(videos)
+    for column in ("frame_id", "video_id", "frame_index", "split", "labeled_round"):
+        assert table[column].equals(vtable[column]), column
+    rendered = synthetic_video(np.random.default_rng([0, 1]), n_frames=4, size=48)
+    rows = [r for r in table.to_pylist() if r["video_id"] == "synth01"]
+    for t, row in enumerate(rows):  # PNG frames are the rendered pixels exactly
+        np.testing.assert_array_equal(load_image(row["image_uri"]), rendered.images[t])
+        np.testing.assert_array_equal(load_mask(row["mask_uri"], encoding), rendered.masks[t])
 
 
 def test_every_class_appears_in_every_split(default_pool):
@@ -95,8 +117,8 @@ def test_pools_with_same_parameters_have_identical_files(tmp_path):
     b = demo_pool(tmp_path / "b", seed=3, n_videos=3, frames_per_video=4, size=48)
     c = demo_pool(tmp_path / "c", seed=4, n_videos=3, frames_per_video=4, size=48)
     assert a.parent.name == b.parent.name != c.parent.name  # folder name hashes the parameters
-    names = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*.png"))
-    assert len(names) == 3 * 4 * 2
+    names = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*") if p.suffix in (".png", ".mp4"))
+    assert len(names) == 3 * 4 + 3  # masks and videos
     for name in names:
         assert (a.parent / name).read_bytes() == (b.parent / name).read_bytes()
     assert any((a.parent / n).read_bytes() != (c.parent / n).read_bytes() for n in names)
@@ -146,7 +168,8 @@ def test_crash_during_generation_leaves_no_pool_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"n_videos": 2}, "n_videos must be an integer >= 3"), ({"size": 16}, "size must be an integer >= 32")],
+    [({"n_videos": 2}, "n_videos must be an integer >= 3"), ({"size": 16}, "size must be an integer >= 32"),
+     ({"size": 33}, "size must be even"), ({"source": "gif"}, "source must be 'video' or 'frames'")],
 )
 def test_demo_pool_rejects_parameters_it_cannot_honour(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -14,7 +14,11 @@ loop cares about in real laparoscopic video:
 - exact masks: the label map the pixels were painted from.
 
 Each video is one scene with its own seed; split by video (the last video is test, the
-one before it val, the rest pool). Masks are stored as PNG class ids (identity LUT).
+one before it val, the rest pool). The pool is stored the way archives hold surgery: as
+H.264 mp4 files (``videos/``, :data:`DEMO_FPS` frames per second, x264's default 250-frame
+keyframe interval) with one mask per frame (``masks/FRAME_ID.png``, class ids, identity
+LUT), and ingested with the video path (``alges ingest video``); ``source="frames"``
+keeps the PNG-folder layout (``alges ingest folder``).
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ import numpy as np
 from PIL import Image
 
 from alges_dist.data.atomic import atomic_directory
-from alges_dist.data.manifest import MaskEncoding, make_manifest, write_manifest
+from alges_dist.data.manifest import MaskEncoding
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_CLASS_NAMES",
     "DEMO_ENCODING",
+    "DEMO_FPS",
     "GENERATOR_VERSION",
     "SyntheticVideo",
     "demo_pool",
@@ -44,7 +49,10 @@ __all__ = [
 ]
 
 #: Bump when the generator's output changes: cached pools are keyed on it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: videos (H.264) instead of PNG frames
+#: Frames per second of the demo videos, and the rate ingest samples them at: one row per
+#: rendered frame, so "N seconds apart" in a report means N frames.
+DEMO_FPS = 1
 DEMO_CLASS_NAMES: list[str] = ["background", "liver", "fat", "gallbladder", "instrument"]
 DEMO_ENCODING = MaskEncoding(mode="lut", class_map={i: i for i in range(5)}, class_names=DEMO_CLASS_NAMES)
 BACKGROUND, LIVER, FAT, GALLBLADDER, INSTRUMENT = range(5)
@@ -207,47 +215,67 @@ def demo_pool(
     n_videos: int = 6,
     frames_per_video: int = 50,
     size: int = 128,
+    source: str = "video",
 ) -> Path:
     """Path of the manifest of the SYNTHETIC demo pool, generating it on first use.
 
     The pool lives in ``cache_dir / demo-<hash of the parameters and GENERATOR_VERSION>/``
-    (``cache_dir`` defaults to ``~/.cache/alges_dist``): ``images/``, ``masks/`` (PNG class
-    ids, :data:`DEMO_ENCODING`) and ``manifest.parquet``. It is generated into a temporary
-    folder that is renamed into place when complete, so a crash leaves no half pool.
-    Same parameters -> the same pixels. Videos are named ``synth00 ..``; the last is the
-    test split, the one before it val, the rest pool; all frames start unlabeled.
+    (``cache_dir`` defaults to ``~/.cache/alges_dist``): ``videos/synthNN.mp4`` (H.264 at
+    :data:`DEMO_FPS`), ``masks/FRAME_ID.png`` (class ids, :data:`DEMO_ENCODING`) and
+    ``manifest.parquet`` (+ ``manifest.videos.parquet``) from :func:`ingest_video`; with
+    ``source="frames"``, ``images/FRAME_ID.png`` ingested by :func:`ingest_folder`
+    instead. The files are generated into a temporary folder renamed into place when
+    complete, so a crash leaves no half pool. Same parameters -> the same files. Videos
+    are named ``synth00 ..``; the last is the test split, the one before it val, the rest
+    pool; all frames start unlabeled; frame ids are ``synthNN_FRAMEINDEX``.
     """
     for name, value, low in (("n_videos", n_videos, 3), ("frames_per_video", frames_per_video, 2), ("size", size, 32)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if size % 2:
+        raise ValueError(f"size must be even (H.264 stores colour at half resolution), got {size}")
+    if source not in ("video", "frames"):
+        raise ValueError(f"source must be 'video' or 'frames', got {source!r}")
     params = {"version": GENERATOR_VERSION, "seed": int(seed), "n_videos": n_videos,
-              "frames_per_video": frames_per_video, "size": size}  # fmt: skip
+              "frames_per_video": frames_per_video, "size": size, "source": source}  # fmt: skip
     folder = _pool_folder(cache_dir, params)
     manifest = folder / "manifest.parquet"
     if manifest.is_file():
         return manifest
-    if folder.exists():
-        raise FileExistsError(f"demo pool folder {folder} exists without manifest.parquet; remove it to regenerate")
-    log.info("generating synthetic demo pool in %s (%s)", folder, params)
-    with atomic_directory(folder) as tmp:
-        (tmp / "images").mkdir()
-        (tmp / "masks").mkdir()
-        names = ("frame_ids", "video_ids", "frame_indices", "image_uris", "mask_uris", "splits")
-        columns: dict[str, list] = {name: [] for name in names}
-        for v in range(n_videos):
-            video_id = f"synth{v:02d}"
-            split = "test" if v == n_videos - 1 else "val" if v == n_videos - 2 else "pool"
-            video = synthetic_video(np.random.default_rng([int(seed), v]), n_frames=frames_per_video, size=size)
-            for t in range(frames_per_video):
-                frame_id = f"{video_id}_{t:06d}"
-                Image.fromarray(video.images[t]).save(tmp / "images" / f"{frame_id}.png", compress_level=1)
-                Image.fromarray(video.masks[t]).save(tmp / "masks" / f"{frame_id}.png", compress_level=1)
-                columns["frame_ids"].append(frame_id)
-                columns["video_ids"].append(video_id)
-                columns["frame_indices"].append(t)
-                # URIs point at the final folder, which exists once the rename is done
-                columns["image_uris"].append(str(folder.resolve() / "images" / f"{frame_id}.png"))
-                columns["mask_uris"].append(str(folder.resolve() / "masks" / f"{frame_id}.png"))
-                columns["splits"].append(split)
-        write_manifest(make_manifest(**columns), tmp / "manifest.parquet", DEMO_ENCODING)
+    if not folder.exists():  # a folder without manifest was renamed complete: only ingest again
+        log.info("generating synthetic demo pool in %s (%s)", folder, params)
+        with atomic_directory(folder) as tmp:
+            _write_pool_files(tmp, seed=seed, n_videos=n_videos, frames_per_video=frames_per_video, size=size,
+                              source=source)
+    fractions = ((n_videos - 2) / n_videos, 1 / n_videos, 1 / n_videos)  # whole videos: last test, one val
+    if source == "video":
+        from alges_dist.data.video_source import ingest_video  # local: sources import this package's frames
+
+        log.info("demo pool: alges ingest video --videos %s --fps %d --masks %s --out %s", folder / "videos",
+                 DEMO_FPS, folder / "masks", manifest)
+        ingest_video(folder / "videos", manifest, fps=DEMO_FPS, masks=folder / "masks", encoding=DEMO_ENCODING,
+                     fractions=fractions)
+    else:
+        from alges_dist.data.sources import ingest_folder
+
+        ingest_folder(folder / "images", folder / "masks", manifest, encoding=DEMO_ENCODING, split="video",
+                      fractions=fractions, video_pattern=r"(?P<video>synth\d+)_(?P<index>\d+)")
     return manifest
+
+
+def _write_pool_files(folder: Path, *, seed: int, n_videos: int, frames_per_video: int, size: int,
+                      source: str) -> None:
+    from alges_dist.data.video import write_h264
+
+    (folder / "masks").mkdir()
+    (folder / ("videos" if source == "video" else "images")).mkdir()
+    for v in range(n_videos):
+        video_id = f"synth{v:02d}"
+        video = synthetic_video(np.random.default_rng([int(seed), v]), n_frames=frames_per_video, size=size)
+        if source == "video":
+            write_h264(folder / "videos" / f"{video_id}.mp4", video.images, fps=DEMO_FPS)
+        for t in range(frames_per_video):
+            frame_id = f"{video_id}_{t:06d}"  # = VIDEOID_FRAMEINDEX of ingest at DEMO_FPS
+            if source == "frames":
+                Image.fromarray(video.images[t]).save(folder / "images" / f"{frame_id}.png", compress_level=1)
+            Image.fromarray(video.masks[t]).save(folder / "masks" / f"{frame_id}.png", compress_level=1)

@@ -6,12 +6,18 @@ nearest resize), :func:`normalize_images` (the one place uint8 pixels become the
 model's float input), and :class:`FrameDataset` for training and evaluation.
 
 Sizes are ``(height, width)``, like the arrays. URIs are local paths (absolute
-recommended) or ``scheme://`` URIs opened through ``pyarrow.fs.FileSystem.from_uri``.
+recommended), ``scheme://`` URIs opened through ``pyarrow.fs.FileSystem.from_uri``, or
+video frames ``/abs/video.mp4#t=SECONDS`` (decoded by :mod:`alges_dist.data.video`).
+
+Every decode refuses frames above ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`,
+config ``data.max_pixels``) from the header, before any pixel is decompressed: a
+20000x20000 PNG of zeros is a few hundred KiB on disk and 1.2 GB in memory.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,8 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from alges_dist.data.manifest import MaskEncoding
+from alges_dist.data.video import VideoError, parse_video_uri, read_frame
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "FrameDataset",
@@ -32,11 +40,15 @@ __all__ = [
     "load_image",
     "load_mask",
     "normalize_images",
+    "resize_rgb",
     "validate_frame",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Pixels per frame above which a file is refused unread: well above 8K video (33 MP),
+#: far below what fills memory. 100-megapixel frames are refused.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 # PIL modes that convert to RGB without losing meaning; 16-bit and float images do not.
 _RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
@@ -49,20 +61,39 @@ class FrameDecodeError(ValueError):
 # ---------------------------------------------------------------------------- file access
 
 
-def _open(uri: str) -> Image.Image:
-    """Open and fully decode ``uri`` (truncated files fail here, not later)."""
-    try:
-        if "://" in uri:
-            from pyarrow import fs  # local import: only remote URIs need it
+def _too_many_pixels(uri: str, width: int, height: int, max_pixels: int) -> FrameDecodeError:
+    return FrameDecodeError(
+        f"{uri}: {width}x{height} = {width * height / 1e6:.1f} megapixels, more than the cap of "
+        f"{max_pixels / 1e6:g} MP (data.max_pixels); refused before decoding (a decompression bomb?)"
+    )
 
-            filesystem, path = fs.FileSystem.from_uri(uri)
-            with filesystem.open_input_file(path) as fh:
-                image = Image.open(io.BytesIO(fh.read()))
-        else:
-            image = Image.open(uri)
+
+def _open(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode ``uri`` (truncated files fail here, not later).
+
+    The size comes from the header: frames above ``max_pixels`` are refused before any
+    pixel is decompressed.
+    """
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb warning; our cap below says more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if "://" in uri:
+                from pyarrow import fs  # local import: only remote URIs need it
+
+                filesystem, path = fs.FileSystem.from_uri(uri)
+                with filesystem.open_input_file(path) as fh:
+                    image = Image.open(io.BytesIO(fh.read()))
+            else:
+                image = Image.open(uri)
+        if image.width * image.height > max_pixels:
+            raise _too_many_pixels(uri, image.width, image.height, max_pixels)
         image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: file not found") from None
+    except Image.DecompressionBombError as err:  # PIL refuses > 2x its own limit at open
+        raise FrameDecodeError(f"{uri}: refused before decoding, a decompression bomb? ({err})") from None
+    except FrameDecodeError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, pa.ArrowException) as err:
         raise FrameDecodeError(f"{uri}: unreadable image ({type(err).__name__}: {err})") from None
     return image
@@ -88,17 +119,36 @@ def _resize_rgb(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.array(Image.fromarray(rgb).resize((size[1], size[0]), Image.Resampling.BILINEAR))
 
 
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 RGB ``(H, W, 3)`` resized bilinearly to ``size=(H, W)``, as :func:`load_image` does:
+    for decoders outside this module (video chunks) so every path gives the same pixels."""
+    return _resize_rgb(rgb, _check_size(size))
+
+
+def _image_rgb(uri: str, max_pixels: int) -> np.ndarray:
+    """Full-size RGB uint8 ``(H, W, 3)`` of an image file or a ``#t=`` video frame."""
+    target = parse_video_uri(uri)
+    if target is None:
+        return _rgb_array(_open(uri, max_pixels), uri)
+    try:
+        return read_frame(target[0], target[1], max_pixels=max_pixels)
+    except VideoError as err:
+        raise FrameDecodeError(str(err)) from None
+
+
 # ---------------------------------------------------------------------------- images
 
 
-def load_image(uri: str, size: tuple[int, int] | None = None) -> np.ndarray:
+def load_image(uri: str, size: tuple[int, int] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image as RGB uint8 ``(H, W, 3)``, resized bilinearly to ``size=(H, W)``.
 
-    Raises FileNotFoundError, or FrameDecodeError naming the file when it cannot be decoded.
+    ``uri`` may address a video frame, ``/abs/video.mp4#t=SECONDS`` (one seek, decode
+    forward to the frame on screen at that time). Raises FileNotFoundError, or
+    FrameDecodeError naming the file when it cannot be decoded or has more than
+    ``max_pixels`` pixels.
     """
     size = _check_size(size)
-    rgb = _rgb_array(_open(uri), uri)
-    return _resize_rgb(rgb, size)
+    return _resize_rgb(_image_rgb(uri, max_pixels), size)
 
 
 # ---------------------------------------------------------------------------- masks
@@ -195,46 +245,49 @@ def _resize_ids(ids: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def load_mask(uri: str, encoding: MaskEncoding, size: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask(uri: str, encoding: MaskEncoding, size: tuple[int, int] | None = None, *,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a mask file as class ids uint8 ``(H, W)``, nearest-resized to ``size=(H, W)``.
 
     Values outside ``encoding`` raise FrameDecodeError naming the file and the values.
     """
     size = _check_size(size)
-    ids = decode_mask(_mask_values(_open(uri), encoding, uri), encoding, source=uri)
+    ids = decode_mask(_mask_values(_open(uri, max_pixels), encoding, uri), encoding, source=uri)
     return _resize_ids(ids, size)
 
 
 def load_frame(
-    image_uri: str, mask_uri: str, encoding: MaskEncoding, size: tuple[int, int] | None = None
+    image_uri: str, mask_uri: str, encoding: MaskEncoding, size: tuple[int, int] | None = None, *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image uint8 ``(H, W, 3)`` and class ids uint8 ``(H, W)`` of one frame, resized together.
 
     Raises FrameDecodeError when the mask's size differs from the image's (before resizing).
     """
     size = _check_size(size)
-    image = _open(image_uri)
-    mask = _open(mask_uri)
-    if image.size != mask.size:
+    rgb = _image_rgb(image_uri, max_pixels)
+    mask = _open(mask_uri, max_pixels)
+    if (rgb.shape[1], rgb.shape[0]) != mask.size:
         raise FrameDecodeError(
             f"{mask_uri}: mask is {mask.width}x{mask.height} but its image {image_uri} is "
-            f"{image.width}x{image.height} (width x height); they must match"
+            f"{rgb.shape[1]}x{rgb.shape[0]} (width x height); they must match"
         )
     ids = _resize_ids(decode_mask(_mask_values(mask, encoding, mask_uri), encoding, source=mask_uri), size)
-    return _resize_rgb(_rgb_array(image, image_uri), size), ids
+    return _resize_rgb(rgb, size), ids
 
 
-def validate_frame(image_uri: str, mask_uri: str | None, encoding: MaskEncoding) -> tuple[int, int]:
+def validate_frame(image_uri: str, mask_uri: str | None, encoding: MaskEncoding, *,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """Decode a frame (and its mask) fully, as ingest does; return the image's ``(H, W)``.
 
     Raises FileNotFoundError or FrameDecodeError naming the file: unreadable image,
-    mask value outside the map, mask size differing from the image.
+    more than ``max_pixels`` pixels, mask value outside the map, mask size differing
+    from the image.
     """
     if mask_uri is None:
-        image = _open(image_uri)
-        _rgb_array(image, image_uri)
-        return image.height, image.width
-    rgb, _ = load_frame(image_uri, mask_uri, encoding, None)
+        rgb = _image_rgb(image_uri, max_pixels)
+        return rgb.shape[0], rgb.shape[1]
+    rgb, _ = load_frame(image_uri, mask_uri, encoding, None, max_pixels=max_pixels)
     return rgb.shape[0], rgb.shape[1]
 
 
@@ -278,7 +331,7 @@ class FrameDataset(Dataset):
     """
 
     def __init__(self, table: pa.Table, encoding: MaskEncoding, size: tuple[int, int] | None = None,
-                 normalize: str = "imagenet"):
+                 normalize: str = "imagenet", *, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.frame_ids: list[str] = table.column("frame_id").to_pylist()
         self.image_uris: list[str] = table.column("image_uri").to_pylist()
         self.mask_uris: list[str | None] = table.column("mask_uri").to_pylist()
@@ -288,14 +341,15 @@ class FrameDataset(Dataset):
                 f"FrameDataset needs a mask for every row; {len(missing)} rows have mask_uri null "
                 f"(first frame_id {missing[0]!r}); filter to labeled or val/test rows first"
             )
-        self.encoding, self.normalize = encoding, normalize
+        self.encoding, self.normalize, self.max_pixels = encoding, normalize, max_pixels
         self.size = _check_size(size)
 
     def __len__(self) -> int:
         return len(self.frame_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb, ids = load_frame(self.image_uris[index], self.mask_uris[index], self.encoding, self.size)
+        rgb, ids = load_frame(self.image_uris[index], self.mask_uris[index], self.encoding, self.size,
+                              max_pixels=self.max_pixels)
         image = normalize_images(rgb[None], self.normalize)[0]  # (3, H, W)
         mask = torch.from_numpy(ids.astype(np.int64))  # (H, W)
         return image, mask

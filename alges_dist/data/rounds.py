@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -50,9 +51,26 @@ def pool_summary(pool: str, *, needs_pool_masks: bool) -> dict[str, Any]:
     }
 
 
-def draw_initial_set(pool: str, out: str, n: int, seed: int) -> int:
+def video_frames_as_files(table: pa.Table, frame_ids: list[str], folder: Path, *,
+                          max_pixels: int | None = None) -> pa.Table:
+    """``table`` with the video rows (``#t=`` URIs) among ``frame_ids`` pointing at PNG files of
+    exactly their decoded pixels, ``folder/frames/FRAME_ID.png`` (written once): labeled and
+    evaluated frames are files, so training and evaluation never seek into a video."""
+    from alges_dist.data.video_export import export_video_frames
+
+    rows = table.filter(pc.and_(pc.is_in(table["frame_id"], value_set=_strings(frame_ids)),
+                                pc.match_substring(table["image_uri"], "#t=")))
+    if rows.num_rows == 0:
+        return table
+    videos = dict(zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()))
+    options = {} if max_pixels is None else {"max_pixels": max_pixels}
+    return set_uris(table, "image_uri", export_video_frames(Path(folder) / "frames", videos, **options))
+
+
+def draw_initial_set(pool: str, out: str, n: int, seed: int, *, max_pixels: int | None = None) -> int:
     """Write the experiment's initial manifest: ``n`` pool frames drawn with ``seed`` labeled
-    in round 0 (a pool that already has labeled frames keeps them instead). Returns the count."""
+    in round 0 (a pool that already has labeled frames keeps them instead). Labeled, val and
+    test video frames with masks become PNG files beside it (``frames/``). Returns the count."""
     from alges_dist.selection import random
 
     table, encoding = read_manifest(pool)
@@ -63,29 +81,36 @@ def draw_initial_set(pool: str, out: str, n: int, seed: int) -> int:
         picks = random(None, np.zeros(len(ids), bool), n, seed=seed)
         table = mark_labeled(table, ids[picks.indices].tolist(), 0)
         labeled = len(picks.indices)
+    used = pc.and_(pc.or_(pc.is_valid(table["labeled_round"]), pc.not_equal(table["split"], "pool")),
+                   pc.is_valid(table["mask_uri"]))
+    table = video_frames_as_files(table, table.filter(used)["frame_id"].to_pylist(), Path(out).parent,
+                                  max_pixels=max_pixels)
     write_manifest(table, out, encoding)
     return labeled
 
 
-def full_data_manifest(pool: str, out: str) -> int:
+def full_data_manifest(pool: str, out: str, *, max_pixels: int | None = None) -> int:
     """The full-data reference's manifest: every pool frame with a mask labeled (round 0; frames
-    labeled in the pool already stay labeled). Returns the labeled count."""
+    labeled in the pool already stay labeled), video frames as files. Returns the labeled count."""
     table, encoding = read_manifest(pool)
     unlabeled = filter_manifest(table, split="pool", labeled=False)
     masked = unlabeled.filter(pc.is_valid(unlabeled["mask_uri"]))["frame_id"].to_pylist()
     table = mark_labeled(table, masked, 0)
-    labeled = filter_manifest(table, split="pool", labeled=True).num_rows
-    if labeled == 0:
+    labeled = filter_manifest(table, split="pool", labeled=True)
+    if labeled.num_rows == 0:
         raise ValueError(f"loop.full_data_reference: no pool frame of {pool} has a mask to train on")
+    table = video_frames_as_files(table, labeled["frame_id"].to_pylist(), Path(out).parent, max_pixels=max_pixels)
     write_manifest(table, out, encoding)
-    return labeled
+    return labeled.num_rows
 
 
 def label_frames(manifest: str, picks: list[str], round_index: int, *,
-                 mask_uris: dict[str, str] | None = None, image_uris: dict[str, str] | None = None) -> int:
-    """Mark ``picks`` labeled in ``round_index`` (with new mask / image files where given) and
-    rewrite the manifest atomically; returns the labeled count. Idempotent: a batch already
-    labeled in this round (a crash after the write) is left as it is."""
+                 mask_uris: dict[str, str] | None = None, image_uris: dict[str, str] | None = None,
+                 frames_dir: str | None = None, max_pixels: int | None = None) -> int:
+    """Mark ``picks`` labeled in ``round_index`` (with new mask / image files where given; video
+    picks become PNG files under ``frames_dir``) and rewrite the manifest atomically; returns the
+    labeled count. Idempotent: a batch already labeled in this round (a crash after the write)
+    is left as it is."""
     table, encoding = read_manifest(manifest)
     rounds = table.filter(pc.is_in(table["frame_id"], value_set=_strings(picks)))["labeled_round"]
     if len(picks) and pc.all(pc.equal(pc.fill_null(rounds, -1), round_index)).as_py():
@@ -94,6 +119,8 @@ def label_frames(manifest: str, picks: list[str], round_index: int, *,
         table = set_uris(table, "mask_uri", mask_uris)
     if image_uris:
         table = set_uris(table, "image_uri", image_uris)
+    if frames_dir is not None:
+        table = video_frames_as_files(table, picks, Path(frames_dir), max_pixels=max_pixels)
     table = mark_labeled(table, picks, round_index)
     write_manifest(table, manifest, encoding)
     return table.num_rows - table["labeled_round"].null_count
@@ -112,7 +139,5 @@ def labeled_in_round(manifest: str | Path, round_index: int) -> bool:
     return pc.any(pc.equal(column, round_index)).as_py() is True
 
 
-def _strings(values: list[str]):
-    import pyarrow as pa
-
+def _strings(values: list[str]) -> pa.Array:
     return pa.array(values, pa.string())

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from alges_dist.data.frames import validate_frame
+from alges_dist.data.frames import DEFAULT_MAX_PIXELS, validate_frame
 from alges_dist.data.manifest import SPLITS, MaskEncoding, make_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -132,17 +132,20 @@ def validate_frames(
     encoding: MaskEncoding,
     *,
     n_threads: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Decode every image and mask once; raise on the first bad one in input order.
 
     PIL releases the GIL while decoding, so a thread pool uses all cores. Errors are
-    FileNotFoundError or FrameDecodeError, each naming the file.
+    FileNotFoundError or FrameDecodeError, each naming the file (frames above
+    ``max_pixels`` are refused from their header, before decoding).
     """
     n_threads = n_threads or min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=n_threads)
     try:
         # map yields in input order, so the reported error is deterministic
-        for _ in pool.map(lambda pair: validate_frame(pair[0], pair[1], encoding), zip(image_paths, mask_paths)):
+        pairs = zip(image_paths, mask_paths)
+        for _ in pool.map(lambda pair: validate_frame(*pair, encoding, max_pixels=max_pixels), pairs):
             pass
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on error, skip the frames not started yet
@@ -178,6 +181,7 @@ def ingest_folder(
     split: str = "ranges",
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     video_pattern: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> pa.Table:
     """Build and write a manifest for an image folder (and its mask folder); return the table.
 
@@ -263,7 +267,7 @@ def ingest_folder(
     image_uris = [str(image_files[s].resolve()) for s in stems]
     mask_uris = [str(mask_files[s].resolve()) if mask_files[s] is not None else None for s in stems]
     log.info("ingest %s: %d frames, %d videos; decoding every frame", images, len(stems), len(set(video_of.values())))
-    validate_frames(image_uris, mask_uris, encoding)
+    validate_frames(image_uris, mask_uris, encoding, max_pixels=max_pixels)
     if encoding is BINARY_ENCODING and masks is not None:
         check_default_map_keeps_labels([m for m in mask_uris if m is not None])
     table = make_manifest(

@@ -28,7 +28,7 @@ def evaluate_checkpoint(config: dict[str, Any], manifest: str, model_path: str) 
     encoding = read_encoding(manifest)
     model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).to(device)
     loader = torch.utils.data.DataLoader(
-        FrameDataset(test, encoding, tuple(cfg.data.image_size), cfg.data.normalize),
+        FrameDataset(test, encoding, tuple(cfg.data.image_size), cfg.data.normalize, max_pixels=cfg.data.max_pixels),
         batch_size=cfg.scoring.batch_size,
     )
     return evaluate(model, loader, n_classes=cfg.data.n_classes, dice_classes=cfg.data.dice_classes,

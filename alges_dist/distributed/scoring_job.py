@@ -1,6 +1,7 @@
 """Scoring job: Ray Data streams the pool's frames through an actor pool of scorers.
 
-read_parquet(manifest) -> pool rows -> decode + resize (CPU tasks) -> Scorer actors
+read_parquet(manifest) -> pool rows -> decode + resize (CPU tasks; image files per row,
+video frames per chunk of one video: ``decode_stage``) -> Scorer actors
 (one model load per actor, ``num_gpus=1`` each where GPUs exist) -> score shards
 (Parquet: frame_id, error, every ``score_batch`` output; vectors as fixed-size lists).
 
@@ -29,7 +30,8 @@ import torch
 
 from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
-from alges_dist.data.frames import FrameDecodeError, load_image, normalize_images
+from alges_dist.data.frames import normalize_images
+from alges_dist.distributed.decode_stage import decoded_pool
 from alges_dist.distributed.tasks import here, on_worker, worker_device
 from alges_dist.models import load_model
 from alges_dist.scoring import ProjectionCache, score_batch, score_dims
@@ -38,19 +40,6 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK_IN_BATCHES = 8
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def decode_frames(batch: dict[str, np.ndarray], *, size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Ray Data CPU stage: image_uri -> uint8 (B, H, W, 3); undecodable frames get ``error``."""
-    n = len(batch["frame_id"])
-    images = np.zeros((n, size[0], size[1], 3), dtype=np.uint8)  # failed rows are never scored
-    errors = np.full(n, "", dtype=object)
-    for i, uri in enumerate(batch["image_uri"]):
-        try:
-            images[i] = load_image(str(uri), size)
-        except (FrameDecodeError, OSError) as exc:
-            errors[i] = str(exc)
-    return {"frame_id": batch["frame_id"], "image": images, "error": errors}
 
 
 def scores_schema(dims: dict[str, int]) -> pa.Schema:
@@ -137,21 +126,15 @@ def score_pool(
     set, measured in the current model's embedding.
     """
     import ray.data
-    from ray.data.expressions import col
 
     t0 = time.perf_counter()
     final = out_dir / "scores"
     (out_dir / "scores.json").unlink(missing_ok=True)
     tmp = out_dir / f".scores-{uuid.uuid4().hex[:8]}"
     size = tuple(cfg.data.image_size)
-    ds = ray.data.read_parquet(str(Path(manifest).resolve())).select_columns(["frame_id", "image_uri", "split"])
-    ds = ds.filter(expr=col("split") == "pool")  # pushed down into the Parquet read
-    # One manifest file is one block; split it so every actor gets work and a lost
-    # actor redoes one block, not the pool. Rows here are ids and URIs: cheap to shuffle.
-    n_rows = pq.ParquetFile(manifest).metadata.num_rows
-    rows_per_block = cfg.scoring.batch_size * ROWS_PER_BLOCK_IN_BATCHES
-    ds = ds.repartition(max(cfg.scoring.num_actors, -(-n_rows // rows_per_block)))
-    ds = ds.map_batches(decode_frames, fn_kwargs={"size": size}, batch_size=cfg.scoring.batch_size)
+    ds = decoded_pool(manifest, size=size, batch_size=cfg.scoring.batch_size, min_blocks=cfg.scoring.num_actors,
+                      rows_per_block=cfg.scoring.batch_size * ROWS_PER_BLOCK_IN_BATCHES,
+                      max_pixels=cfg.data.max_pixels)
     ds = ds.map_batches(
         Scorer,
         fn_constructor_kwargs={

@@ -60,7 +60,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     table, encoding = read_manifest(loop_config["manifest"])
     size = tuple(cfg.data.image_size)
     train_set = FrameDataset(filter_manifest(table, split="pool", labeled=True), encoding, size,
-                             cfg.data.normalize)
+                             cfg.data.normalize, max_pixels=cfg.data.max_pixels)
     val_rows = filter_manifest(table, split="val")
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_set) > cfg.train.batch_size
@@ -107,7 +107,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0 and val_rows.num_rows:
             val = evaluate(
                 bare,
-                torch.utils.data.DataLoader(FrameDataset(val_rows, encoding, size, cfg.data.normalize), batch_size=cfg.train.batch_size),
+                torch.utils.data.DataLoader(FrameDataset(val_rows, encoding, size, cfg.data.normalize,
+                                                         max_pixels=cfg.data.max_pixels),
+                                            batch_size=cfg.train.batch_size),
                 n_classes=cfg.data.n_classes,
                 dice_classes=cfg.data.dice_classes,
                 ignore_index=encoding.ignore_index,
