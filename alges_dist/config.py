@@ -25,7 +25,7 @@ STRATEGY_NAMES = tuple(STRATEGIES)
 # results, and a run folder refuses a rerun that differs in one (run_folder.check_settings).
 RESUMABLE_KEYS = frozenset({
     "data.pool", "data.demo_cache",
-    "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every",
+    "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every", "train.val_every",
     "scoring.batch_size", "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
     "selection.device", "selection.backend", "selection.shards",
     "loop.strategies", "loop.seeds", "loop.n_rounds", "labelstudio.*",
@@ -44,7 +44,7 @@ class DataConfig(_Section):
     pool: str = Field("demo", description='Manifest Parquet path, or "demo" for the generated pool.')
     demo_seed: int = 0
     demo_cache: str | None = Field(None, description="Folder for the generated pool (default ~/.cache).")
-    image_size: tuple[int, int] = Field((128, 128), description="(height, width) in px fed to the model.")
+    image_size: tuple[int, int] = Field((96, 96), description="(height, width) in px fed to the model.")
     n_classes: int = Field(5, gt=1)
     dice_classes: list[int] | None = Field(
         None, description="Classes averaged in the paper's Dice (paper: [0,1,2,3,4,5,9,10]); null = all."
@@ -94,6 +94,10 @@ class TrainConfig(_Section):
         "retrain", description="retrain: every round from the same initial weights (paper); finetune: from last round."
     )
     max_failures: int = Field(1, ge=0)
+    val_every: int = Field(
+        0, ge=0, description="Validation Dice every N epochs; the last epoch always validates (when the pool has "
+        "val frames). 0: the last epoch only (on small pools a val pass costs more than the epoch; the round's "
+        "test-split evaluation is separate).")
     checkpoint_every: int = Field(
         1, ge=1, description="Epochs between Ray Train checkpoints (the last epoch always has one)."
     )
@@ -142,7 +146,7 @@ class SelectionConfig(_Section):
 class LoopConfig(_Section):
     strategies: list[str] = Field(default_factory=lambda: ["random", "alges-img-kcenter"])
     seeds: list[int] = Field(default_factory=lambda: [0])
-    n_rounds: int = Field(3, ge=1, description="Query rounds after the initial labeled set.")
+    n_rounds: int = Field(2, ge=1, description="Query rounds after the initial labeled set.")
     initial_labeled: int = Field(8, ge=1)
     initial_seed: int = Field(
         0, description="Draws the initial labeled set, shared by every strategy and seed of the experiment."
@@ -223,9 +227,10 @@ class Config(_Section):
         if use_gpu and s.num_actors * s.gpus_per_actor > gpus:
             raise ConfigError(f"scoring.num_actors={s.num_actors} x scoring.gpus_per_actor={s.gpus_per_actor:g} "
                               f"needs {s.num_actors * s.gpus_per_actor:g} GPUs; the Ray cluster has {gpus:g}")
-        if s.num_actors * s.cpus_per_actor > cpus:
+        if s.num_actors * s.cpus_per_actor + 1 > cpus:  # the read and decode tasks need a CPU beside the actors
             raise ConfigError(f"scoring.num_actors={s.num_actors} x scoring.cpus_per_actor={s.cpus_per_actor:g} "
-                              f"needs {s.num_actors * s.cpus_per_actor:g} CPUs; the Ray cluster has {cpus:g}")
+                              f"plus one CPU for decoding needs {s.num_actors * s.cpus_per_actor + 1:g} CPUs; the Ray "
+                              f"cluster has {cpus:g}")
 
     def check_pool(self, n_pool: int, n_classes: int, source: str) -> None:
         """Check the values that depend on the pool, before any work starts."""

@@ -51,7 +51,7 @@ class Console:
             if self.rounds is not None:
                 self.rounds.set_postfix_str(where)
             return
-        seconds = info.get("seconds") or time.perf_counter() - self._started
+        seconds = time.perf_counter() - self._started  # the stage's wall time, driver's view
         line = f"{where} done in {seconds:.1f} s" + (f" ({_fmt(info)})" if _fmt(info) else "")
         log.info(line)
         if self.epochs is not None:

@@ -240,9 +240,10 @@ class Experiment(RunLayout):
         scores = str(self.scores_dir(strategy, seed, r).resolve()) if column else None
         n_shards = self._selection_shards(scores, column)
         gpu = self.use_gpu and n_shards == 1 and column is not None and self.cfg.selection.device != "cpu"
-        # a process of its own: the embeddings' memory (host and device) goes back when it ends
+        # on a GPU, a process of its own: the device memory goes back to the scorers when it ends
+        # (on the CPU a warm worker saves the 2-3 s of a new process and its imports)
         picked, where = on_worker(pick_batch, self.cfg_dict, strategy, str(self.manifest_file(strategy, seed).resolve()),
-                                  scores, seed=_round_seed(seed, r), n_shards=n_shards, gpu=gpu, fresh=True)
+                                  scores, seed=_round_seed(seed, r), n_shards=n_shards, gpu=gpu, fresh=gpu)
         info = {k: v for k, v in picked.items() if k not in ("frame_id", "value")} | {"where": where.as_dict()}
         atomic_write_text(self.round_dir(strategy, seed, r) / "selection.json", json.dumps(info, indent=1))
         out = pa.table({

@@ -9,6 +9,7 @@ REPO_CONFIGS = sorted((__import__("pathlib").Path(__file__).parents[1] / "config
 
 def test_defaults_are_the_demo():
     cfg = load_config()
+    assert cfg == load_config(REPO_CONFIGS[0].parent / "demo.yaml")  # configs/demo.yaml says so
     assert cfg.data.pool == "demo"
     assert cfg.model.encoder_weights is None
     assert set(cfg.loop.strategies) <= set(STRATEGY_NAMES)

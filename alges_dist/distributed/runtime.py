@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # metrics actors cost a worker process each per fit. Ray Train reads them from the driver's
 # environment at each fit() and forwards them to its controller; clusters keep the defaults.
 LOCAL_TRAIN_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -133,11 +133,41 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
     value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
     score (top-k), NaN (random).
     """
-    import psutil
+    with PeakRSS() as rss:
+        picked = _pick(config, strategy, manifest, scores_dir, seed=seed, n_shards=n_shards)
+    # this worker's memory: when the task began, and its peak during it (scripts/bench_scale.py)
+    return {**picked, "rss_start_mb": rss.start / 2**20, "peak_rss_mb": rss.peak / 2**20}
 
+
+class PeakRSS:
+    """The resident memory of this process at the start of a block and its peak inside it,
+    sampled every 5 ms by a thread (a reused worker's lifetime maximum would count earlier tasks)."""
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._process = psutil.Process()
+        self.start = self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str | None, *, seed: int,
+          n_shards: int) -> dict[str, Any]:
     from alges_dist.selection import select
 
-    t0, rss_start = time.perf_counter(), psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
     cfg = Config.model_validate(config)
     spec, opts = get_strategy(strategy), cfg.selection
     column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
@@ -189,8 +219,5 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
         "backend": picked.backend,
         "n_shards": n_shards,
         "seconds": time.perf_counter() - t0,
-        # this worker's memory: after its imports, and at its peak (scripts/bench_scale.py)
-        "rss_start_mb": rss_start / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "column_mb": 0 if values is None or pool is not None else values.nbytes / 2**20,
     }

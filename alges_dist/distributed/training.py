@@ -1,4 +1,4 @@
-"""Training job: Ray Train TorchTrainer (DDP) on the manifest's labeled pool frames.
+"""Training job: Ray Train data-parallel training (DDP) on the manifest's labeled pool frames.
 
 Each worker reads the manifest from shared storage, takes its shard of the labeled rows
 (DistributedSampler via ``prepare_data_loader``), trains with cross-entropy and Adam,
@@ -71,12 +71,17 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resuming after a worker failure
+    if checkpoint is not None:  # resuming after a worker failure or a crash of the driver
         with checkpoint.as_directory() as ckpt_dir:
-            model.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
-            optimizer.load_state_dict(torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu", weights_only=True))
+            if (Path(ckpt_dir) / "optimizer.pt").exists():  # else it is the final checkpoint: nothing to train
+                model.load_state_dict(torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=True))
+                optimizer.load_state_dict(torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu",
+                                                     weights_only=True))
             state = json.loads((Path(ckpt_dir) / "state.json").read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
+        if start_epoch >= cfg.train.epochs:  # the fit had finished: hand its checkpoint on as its result
+            ray.train.report(history[-1], checkpoint=checkpoint)
+            return
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     bare = model.module if hasattr(model, "module") else model
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=encoding.ignore_index)
@@ -104,7 +109,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             loss_sum, n_batches = loss_sum + loss.item(), n_batches + 1
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1)}
-        if rank == 0 and val_rows.num_rows:
+        every = cfg.train.val_every
+        validate = epoch == cfg.train.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+        if rank == 0 and val_rows.num_rows and validate:
             val = evaluate(
                 bare,
                 torch.utils.data.DataLoader(FrameDataset(val_rows, encoding, size, cfg.data.normalize,
@@ -122,12 +129,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             atomic_write_text(progress, json.dumps({"epochs": cfg.train.epochs, **history[-1]}))
         # A checkpoint is the model plus Adam's two moments (3x the weights): on short
         # epochs writing one every epoch costs more than the epoch itself.
-        save = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs - 1
+        last = epoch == cfg.train.epochs - 1
+        save = (epoch + 1) % cfg.train.checkpoint_every == 0 or last
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and save:  # only rank 0 writes; the others report metrics only
                 torch.save(bare.state_dict(), Path(tmp) / "model.pt")
-                torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+                if not last:  # Adam's state only matters to a fit that goes on (2x the weights to write)
+                    torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
                 (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "where": where}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -160,8 +169,9 @@ def train_model(
     fault_injection: for tests, ``{"kill_at_epoch": e, "marker": path}`` makes rank 0
     exit abruptly once at epoch e, as a lost node would.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import BackendConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from alges_dist.distributed.tasks import on_worker
 
@@ -175,9 +185,13 @@ def train_model(
         cfg.model.arch, cfg.model.encoder, manifest, cfg.train.num_workers, use_gpu, cfg.train.epochs,
         " (resuming from its checkpoint)" if storage.exists() else "",
     )
-    # nccl needs CUDA on the workers; a GPU resource without it trains on the CPU over gloo
-    backend = "nccl" if use_gpu and on_worker(_has_cuda, gpu=True)[0] else "gloo"
-    trainer = TorchTrainer(
+    if cfg.train.num_workers > 1:  # DDP: a torch process group (nccl needs CUDA on the workers)
+        backend = TorchConfig(backend="nccl" if use_gpu and on_worker(_has_cuda, gpu=True)[0] else "gloo")
+    else:
+        # One worker needs no process group: without TorchConfig the controller never imports
+        # torch either, 2-3 s less per fit here (scripts/bench_local.py)
+        backend = BackendConfig()
+    trainer = DataParallelTrainer(
         _train_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -186,7 +200,7 @@ def train_model(
             "fault_injection": fault_injection,
             "progress": str(progress.resolve()),
         },
-        torch_config=TorchConfig(backend=backend),
+        backend_config=backend,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
@@ -201,8 +215,14 @@ def train_model(
         raise RuntimeError(f"training under {storage} finished without a checkpoint: {result.error!r}")
     with result.checkpoint.as_directory() as ckpt_dir:
         state = json.loads((Path(ckpt_dir) / "state.json").read_text())
-        with atomic_path(out_dir / "model.pt") as tmp:
-            shutil.copyfile(Path(ckpt_dir) / "model.pt", tmp)
+        source = Path(ckpt_dir) / "model.pt"
+        if source.resolve().is_relative_to(storage):  # on this file system: a rename, not a 50 MB copy
+            with open(source, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(source, out_dir / "model.pt")
+        else:
+            with atomic_path(out_dir / "model.pt") as tmp:
+                shutil.copyfile(source, tmp)
     seconds = time.perf_counter() - t0
     record = {"history": state["history"], "where": state.get("where", {}), "seconds": seconds}
     atomic_write_text(out_dir / "train.json", json.dumps(record, indent=1))
