@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from alges_dist.data.manifest import read_manifest
 from alges_dist.data.video import parse_video_uri
 from alges_dist.data.video_export import SOURCES_CSV, read_sources
 from alges_dist.run_folder import RunLayout
@@ -61,22 +60,29 @@ def count_near_picks(picks: Sequence[str], labeled: Iterable[str], times: Mappin
     return near
 
 
-def frame_times(run: Path) -> dict[str, tuple[str, float]]:
-    """frame_id -> (video_id, seconds) for every video frame a run folder knows of."""
-    layout = RunLayout(run)
-    manifests = [layout.initial_manifest_path, *sorted(Path(run).glob("*/seed_*/manifest.parquet"))]
+def _rows_of_interest(path: Path, picked: Sequence[str]) -> Any:
+    """frame_id, video_id, image_uri, labeled_round of the labeled rows and the picked rows of a
+    manifest, filtered while reading: never the pool's other rows (archive manifests are big)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    wanted = pc.field("frame_id").isin(pa.array(list(picked), pa.string())) | pc.field("labeled_round").is_valid()
+    return pads.dataset(str(path), format="parquet").to_table(
+        columns=["frame_id", "video_id", "image_uri", "labeled_round"], filter=wanted)
+
+
+def frame_times(run: Path, rows: Any) -> dict[str, tuple[str, float]]:
+    """frame_id -> (video_id, seconds) of the video frames among ``rows`` (from their ``#t=`` URIs,
+    or for frames already written as PNG from the ``sources.csv`` beside them)."""
     video_of: dict[str, str] = {}
     times: dict[str, tuple[str, float]] = {}
-    for path in manifests:
-        if not path.is_file():
-            continue
-        table = read_manifest(path).table
-        for frame_id, video, uri in zip(table["frame_id"].to_pylist(), table["video_id"].to_pylist(),
-                                        table["image_uri"].to_pylist()):
-            video_of[frame_id] = video
-            target = parse_video_uri(uri)
-            if target is not None:
-                times[frame_id] = (video, float(target[1]))
+    for frame_id, video, uri in zip(rows["frame_id"].to_pylist(), rows["video_id"].to_pylist(),
+                                    rows["image_uri"].to_pylist()):
+        video_of[frame_id] = video
+        target = parse_video_uri(uri)
+        if target is not None:
+            times[frame_id] = (video, float(target[1]))
     for sources in Path(run).rglob(SOURCES_CSV):  # labeled frames point at PNGs; their source says when
         for row in read_sources(sources.parent):
             target = parse_video_uri(row["source_uri"])
@@ -90,7 +96,6 @@ def near_pick_counts(run: Path, queries: Any, strategies: Sequence[str], seeds: 
     """Mean over seeds of :func:`count_near_picks` per (strategy, round) of ``queries``
     (RUN/queries.parquet); labeled = frames labeled up to that round in the run's manifest."""
     layout = RunLayout(run)
-    times = frame_times(run)
     rows = queries.select(["strategy", "seed", "round", "frame_id"]).to_pylist() if queries is not None else []
     picks: dict[tuple[str, int, int], list[str]] = defaultdict(list)
     for row in rows:
@@ -99,13 +104,13 @@ def near_pick_counts(run: Path, queries: Any, strategies: Sequence[str], seeds: 
     for strategy in strategies:
         for seed in seeds:
             path = layout.manifest_path(strategy, seed)
-            if not path.is_file():
+            batches = {r: batch for (s, sd, r), batch in picks.items() if (s, sd) == (strategy, seed)}
+            if not batches or not path.is_file():
                 continue
-            table = read_manifest(path).table
+            table = _rows_of_interest(path, [f for batch in batches.values() for f in batch])
+            times = frame_times(run, table)
             rounds = dict(zip(table["frame_id"].to_pylist(), table["labeled_round"].to_pylist()))
-            for (s, sd, r), batch in picks.items():
-                if (s, sd) != (strategy, seed):
-                    continue
+            for r, batch in batches.items():
                 labeled = [f for f, lr in rounds.items() if lr is not None and lr <= r]
                 n = count_near_picks(batch, labeled, times, within_s=within_s)
                 if n is not None:

@@ -29,7 +29,7 @@ from alges_dist.annotation import coco, cvat, labelstudio
 from alges_dist.annotation.codecs import brush_decode
 from alges_dist.annotation.cvat import label_names
 from alges_dist.annotation.pool_encoding import encode_class_ids
-from alges_dist.handoff import correction_summary
+from alges_dist.handoff import batch_images, correction_summary
 from alges_dist.report import correction_table
 from alges_dist.run_folder import RunLayout
 from alges_dist.cli import main
@@ -109,9 +109,10 @@ def test_export_carries_the_models_masks_frames_and_picks(run, fmt):
         np.testing.assert_array_equal(got[f], expected[f])  # every pixel covered, one region per class
     record = json.loads((dest / "alges_export.json").read_text())
     assert [p["frame_id"] for p in record["picks"]] == picks and [p["pick_rank"] for p in record["picks"]] == [0, 1, 2]
-    table, encoding = read_manifest(run.pool)
-    uri = dict(zip(table["frame_id"].to_pylist(), table["image_uri"].to_pylist()))
-    for f in picks:  # the frames people see are the batch's images, named by frame id
+    # the frames people see are the batch's images (video frames: the PNGs written once), named by frame id
+    encoding = run.manifest(STRATEGY, 0).encoding
+    uri = batch_images(run.round_dir(STRATEGY, 0, 0), picks, run.manifest(STRATEGY, 0))
+    for f in picks:
         assert (dest / "images" / f"{f}.png").read_bytes() == open(uri[f], "rb").read()
     readme = (dest / "README.md").read_text()
     assert "alges label" in readme and "--from" in readme

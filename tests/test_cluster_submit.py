@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -36,6 +37,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_for_job_api(address: str, env: dict, timeout_s: float = 120) -> None:
+    """The head's job agent answers a little after `ray start` returns ("No available agent")."""
+    deadline = time.time() + timeout_s
+    while True:
+        res = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True,
+                             text=True, timeout=60)
+        if res.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"the job API at {address} did not answer: {res.stderr[-2000:]}")
+        time.sleep(2)
 
 
 def _stop_by_pid(temp_dir: Path) -> None:
@@ -78,6 +92,7 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
                        check=True, env=env, timeout=300, capture_output=True)
         subprocess.run([*start, f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
                        check=True, env=env, timeout=300, capture_output=True)
+        _wait_for_job_api(f"http://127.0.0.1:{dashboard}", env)
         res = subprocess.run(
             ["bash", "cluster/submit.sh", "--address", f"http://127.0.0.1:{dashboard}", "--",
              "run", "--pool", str(demo_manifest), "--out", str(out),

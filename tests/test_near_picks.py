@@ -64,8 +64,8 @@ def test_run_folder_times_survive_the_switch_to_exported_pngs(tmp_path):
     write_manifest(table, layout.manifest_path("entropy", 0), DEMO_ENCODING)
     atomic_write_text(run / "initial" / "frames" / "sources.csv",
                       "frame_id,source_uri,width,height,sha256\nv1_000003,/vid/v1.mp4#t=3,64,64,00\n")
-    assert frame_times(run) == {"v1_000000": ("v1", 0.0), "v1_000003": ("v1", 3.0), "v1_000010": ("v1", 10.0),
-                                "v2_000004": ("v2", 4.0)}
+    assert frame_times(run, table) == {"v1_000000": ("v1", 0.0), "v1_000003": ("v1", 3.0),
+                                       "v1_000010": ("v1", 10.0), "v2_000004": ("v2", 4.0)}
     queries = pa.table({"strategy": ["entropy"] * 4, "seed": [0] * 4, "round": [0, 0, 1, 1],
                         "frame_id": ["v1_000010", "v2_000004", "v1_000000", "img_1"]})
     # round 0: v1@10 is 7 s from labeled v1@3, v2@4 alone -> 0 within 5 s, 1 within 8 s

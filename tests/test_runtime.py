@@ -107,3 +107,23 @@ def test_an_error_mid_run_leaves_no_ray_process_and_the_failed_stage_does_not_co
         assert_left_nothing(watched, out)
     assert not (out / "initial" / "seed_0" / "round_00" / "scores").exists()
     assert not list(out.rglob(".scores-*"))
+
+
+def test_two_runs_side_by_side_each_talk_to_their_own_instance(uninterrupted, demo_manifest, tmp_path):
+    outs = [tmp_path / f"run{i}" for i in range(2)]
+    watched = [Watched([*run_args(demo_manifest, out), "--num-cpus", "2", "--keep-ray-logs"]) for out in outs]
+    for w in watched:
+        code, _, stderr = w.wait(1200)
+        assert code == 0, stderr[-3000:]
+    sessions = [session_dir(out / "run.log") for out in outs]
+    try:
+        assert sessions[0] != sessions[1]
+        for out in outs:
+            assert picks(out) == uninterrupted[2]  # as alone, only slower
+        for session in sessions:
+            for log in session.rglob("*"):
+                if log.is_file():
+                    assert "multiple active Ray instances" not in log.read_text(errors="ignore"), log
+    finally:
+        for session in sessions:
+            shutil.rmtree(session, ignore_errors=True)

@@ -81,6 +81,7 @@ class RaySession:
         self.pids: set[int] = set()  # the instance's processes, recorded as they are seen
         self.started_at = 0.0
         self.description = "the Ray instance already running in this process"
+        self._saved_env: dict[str, str | None] = {}
 
     def __enter__(self) -> RaySession:
         import ray
@@ -96,17 +97,28 @@ class RaySession:
         bind_to_loopback()
         self.started_at = time.time()
         self.owned = True
+        # The instance's own address in every process it starts: Ray's internals that look an
+        # instance up (Ray Train's placement-group cleaner, the state API) then find this one,
+        # never another command's ("Found multiple active Ray instances"). RAY_GCS_SERVER_PORT
+        # makes the new head listen where RAY_ADDRESS says; address="local" ignores RAY_ADDRESS.
+        self._saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", *LOCAL_TRAIN_ENV)}
+        port = _free_port()
+        os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
         # Ray's own INFO lines (every worker start, every report) drown the command's
         # console; worker output stays in the instance's log files (--keep-ray-logs keeps
         # them) and worker errors reach the driver as exceptions.
-        info = ray.init(
-            address="local",
-            num_cpus=self.num_cpus,
-            include_dashboard=self.dashboard,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-        )
+        try:
+            info = ray.init(
+                address="local",
+                num_cpus=self.num_cpus,
+                include_dashboard=self.dashboard,
+                dashboard_host="127.0.0.1",
+                log_to_driver=False,
+                logging_config=ray.LoggingConfig(log_level="WARNING"),
+            )
+        except BaseException:
+            self._restore_env()
+            raise
         for key, value in LOCAL_TRAIN_ENV.items():  # after ray.init: the driver's fits only
             os.environ.setdefault(key, value)
         node = ray._private.worker.global_worker.node
@@ -120,6 +132,13 @@ class RaySession:
                             f"{int(ray.cluster_resources().get('CPU', 0))} CPUs)")
         log.info(self.description)
         return self
+
+    def _restore_env(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def record_processes(self) -> set[int]:
         """The instance's processes seen so far: the driver's children that ray.init started
@@ -136,6 +155,7 @@ class RaySession:
             if on_cluster() and ray.is_initialized():
                 ray.shutdown()  # the job's actors and tasks end with their driver
             return
+        self._restore_env()
         self.record_processes()
         # Ctrl-C again while we clean up must not leave half an instance behind.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -150,6 +170,14 @@ class RaySession:
                     remove_session_dir(self.session_dir)
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _raylet_pid(node: Any) -> int | None:
