@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def _free_port() -> int:
 
 
 def _wait_for_job_api(address: str, env: dict, timeout_s: float = 120) -> None:
-    """The head's job agent answers a little after `ray start` returns ("No available agent")."""
+    """The head's job API answers a little after `ray start` returns."""
     deadline = time.time() + timeout_s
     while True:
         res = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True,
@@ -85,25 +86,35 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
     start = [str(BIN / "ray"), "start", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+
+    def node_ports() -> list[str]:  # two nodes on one machine: their agents must not share a port
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
     out = tmp_path / "run"
     try:
-        subprocess.run([*start, "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
+        subprocess.run([*start, *node_ports(), "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
                        check=True, env=env, timeout=300, capture_output=True)
-        subprocess.run([*start, f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
+        subprocess.run([*start, *node_ports(), f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
                        check=True, env=env, timeout=300, capture_output=True)
         _wait_for_job_api(f"http://127.0.0.1:{dashboard}", env)
-        res = subprocess.run(
-            ["bash", "cluster/submit.sh", "--address", f"http://127.0.0.1:{dashboard}", "--",
-             "run", "--pool", str(demo_manifest), "--out", str(out),
-             *sets("data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "train.use_gpu=true",
-                   "scoring.num_actors=2", "scoring.gpus_per_actor=0.5", "scoring.batch_size=8",
-                   "selection.storage_dtype=bfloat16", "loop.initial_labeled=4", "loop.budget=3",
-                   "loop.n_rounds=1", "loop.strategies=[alges-img-kcenter]")],
-            cwd=REPO, env=env, timeout=1500, capture_output=True, text=True,
-        )
+        for _ in range(3):  # the head's job agent registers a little later than its job API answers
+            res = subprocess.run(
+                ["bash", "cluster/submit.sh", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                 "run", "--pool", str(demo_manifest), "--out", str(out),
+                 *sets("data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "train.use_gpu=true",
+                       "scoring.num_actors=2", "scoring.gpus_per_actor=0.5", "scoring.batch_size=8",
+                       "selection.storage_dtype=bfloat16", "loop.initial_labeled=4", "loop.budget=3",
+                       "loop.n_rounds=1", "loop.strategies=[alges-img-kcenter]")],
+                cwd=REPO, env=env, timeout=1500, capture_output=True, text=True,
+            )
+            if "No available agent" not in res.stdout + res.stderr:
+                break
+            time.sleep(10)
     finally:
         _stop_by_pid(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
 
