@@ -344,16 +344,14 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSErro
 
 def _record_command(args: argparse.Namespace, code: int, started: float) -> None:
     """RUN/commands.jsonl: the command, where its driver ran, its exit status, seconds and peak RSS."""
-    import resource
-
-    from alges_dist.run_folder import append_command
+    from alges_dist.run_folder import append_command, peak_rss_mb
 
     out = getattr(args, "out", None) if args.command != "ingest" else None
     if out is None or not (Path(out) / "config.yaml").exists():
         return
     append_command(out, {"argv": args.argv, "exit": code, "seconds": round(time.time() - started, 2),
                          "driver_node_id": getattr(args, "driver_node_id", ""), "driver_pid": os.getpid(),
-                         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+                         "driver_peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
 def _one_line(exc: BaseException) -> str:

@@ -247,6 +247,25 @@ def append_command(out: Path, entry: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB, since its own start.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: that one carries the high-water mark of the
+    process that exec'd us (a big parent makes a small child look big)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 # ---- one writer at a time -------------------------------------------------------------------
 class RunFolderBusy(RuntimeError):
     """Another process holds the run folder's lock."""

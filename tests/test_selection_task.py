@@ -11,7 +11,8 @@ import pytest
 from alges_dist.config import load_config
 from alges_dist.data.manifest import MaskEncoding, make_manifest, mark_labeled, write_manifest
 from alges_dist.distributed import selection_task
-from alges_dist.distributed.selection_task import column_bytes, pick_batch, shards_needed
+from alges_dist.distributed.selection_task import ScoreRows, column_bytes, pick_batch, shards_needed
+from alges_dist.run_folder import peak_rss_mb
 
 ENCODING = MaskEncoding(mode="threshold", threshold=127, class_names=["bg", "fg"])
 
@@ -66,9 +67,38 @@ def test_the_task_reads_only_frame_id_error_and_its_column(tmp_path, monkeypatch
             seen.append(tuple(columns or ()))
         return real(source, *args, columns=columns, **kwargs)
 
+    real_batches = pq.ParquetFile.iter_batches
+
+    def spy_batches(self, *args, columns=None, **kwargs):
+        seen.append(tuple(columns or ()))
+        return real_batches(self, *args, columns=columns, **kwargs)
+
     monkeypatch.setattr(selection_task.pq, "read_table", spy)
+    monkeypatch.setattr(selection_task.pq.ParquetFile, "iter_batches", spy_batches)
     pick_batch(_cfg(), "alges-img-kcenter", str(manifest), str(scores), seed=0)
-    assert seen and all(set(c) <= {"frame_id", "error", "alges_img"} and c for c in seen)
+    assert ("alges_img",) in seen and all(set(c) <= {"frame_id", "error", "alges_img"} and c for c in seen)
+
+
+def test_score_rows_land_in_id_order_across_files_and_batches(tmp_path, monkeypatch):
+    _, _, ids, x = _run(tmp_path)
+    _, scores, _, _ = _run(tmp_path, files=4, order=np.random.default_rng(2).permutation(len(ids)))
+    monkeypatch.setattr(ScoreRows, "BATCH_ROWS", 7)  # batches end inside files, files inside nothing
+    wanted = sorted(ids)[::3]
+    got = ScoreRows(str(scores), "alges_img", pa.array(wanted))()
+    np.testing.assert_array_equal(got, x[[ids.index(f) for f in wanted]])
+    with pytest.raises(ValueError, match="covers 0 of the 1 frames"):
+        ScoreRows(str(scores), "alges_img", pa.array(["not_scored"]))()
+
+
+def test_peak_rss_is_this_process_not_the_parent_that_started_it():
+    import subprocess
+    import sys
+
+    ballast = np.ones(300 * 2**20, np.uint8)  # 300 MB resident here before the child starts
+    child = subprocess.run([sys.executable, "-c", "from alges_dist.run_folder import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert peak_rss_mb() > 300 and float(child.stdout) < 200, (peak_rss_mb(), child.stdout)
+    del ballast
 
 
 def test_time_gap_keeps_a_batch_apart_in_each_video(tmp_path):

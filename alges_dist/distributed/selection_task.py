@@ -80,8 +80,11 @@ def _sorted_candidates(scores_dir: str, column: str | None, pool_ids: pa.Array) 
 
 class ScoreRows:
     """Loads rows of one score column for the sorted ids ``ids`` into an (n, d) float32 array,
-    one shard file at a time (peak: the array plus one file), wherever it is called: in the
+    a record batch at a time (peak: the array plus one batch), wherever it is called: in the
     selection task, or in each actor of a sharded pool for its own slice."""
+
+    # rows per read: Arrow's list reader holds ~8x a batch's bytes while decoding it (measured)
+    BATCH_ROWS = 4096
 
     def __init__(self, scores_dir: str, column: str, ids: pa.Array):
         self.scores_dir, self.column, self.ids = scores_dir, column, ids
@@ -90,21 +93,31 @@ class ScoreRows:
         out: np.ndarray | None = None
         filled = 0
         for path in _score_files(self.scores_dir):
-            part = pq.read_table(path, columns=["frame_id", self.column])
-            pos = pc.index_in(part["frame_id"], value_set=self.ids)
-            keep = pc.is_valid(pos)
-            if not pc.any(keep).as_py():
+            # each row's place in ids, one hash lookup per file (per batch would rebuild the set)
+            where = pc.index_in(pq.read_table(path, columns=["frame_id"])["frame_id"], value_set=self.ids)
+            if where.null_count == len(where):
                 continue
-            part, pos = part.filter(keep), pos.filter(keep).to_numpy()
-            arr = part[self.column].combine_chunks()
-            if pa.types.is_fixed_size_list(arr.type):
-                rows = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-            else:
-                rows = arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
-            if out is None:
-                out = np.empty((len(self.ids), rows.shape[1]), np.float32)
-            out[pos] = rows
-            filled += len(pos)
+            where = where.combine_chunks()
+            # streamed reads: a whole row group is not buffered at once (shards are one group each)
+            reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+            start = 0
+            for batch in reader.iter_batches(self.BATCH_ROWS, columns=[self.column]):
+                arr, pos = batch.column(0), where.slice(start, batch.num_rows)
+                start += batch.num_rows
+                if pos.null_count:
+                    keep = pc.is_valid(pos)
+                    arr, pos = arr.filter(keep), pos.filter(keep)
+                if not len(pos):
+                    continue
+                if pa.types.is_fixed_size_list(arr.type):  # the values buffer as is: no copy
+                    rows = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+                else:
+                    rows = arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
+                if out is None:
+                    out = np.empty((len(self.ids), rows.shape[1]), np.float32)
+                out[pos.to_numpy()] = rows
+                filled += len(pos)
+            pa.default_memory_pool().release_unused()  # Arrow keeps freed batches for reuse otherwise
         if out is None or filled != len(self.ids):
             raise ValueError(f"{self.scores_dir}: column {self.column!r} covers {filled} of the {len(self.ids)} "
                              "frames to select from; rescore the round")
@@ -133,9 +146,11 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
     value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
     score (top-k), NaN (random).
     """
+    import alges_dist.selection  # noqa: F401  (torch: imports are not the stage's memory)
+
     with PeakRSS() as rss:
         picked = _pick(config, strategy, manifest, scores_dir, seed=seed, n_shards=n_shards)
-    # this worker's memory: when the task began, and its peak during it (scripts/bench_scale.py)
+    # this worker's memory after imports, and its peak during the stage (scripts/bench_scale.py)
     return {**picked, "rss_start_mb": rss.start / 2**20, "peak_rss_mb": rss.peak / 2**20}
 
 
@@ -180,6 +195,8 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
         ids, labeled = ids.filter(pa.array(~labeled)), labeled[~labeled]
     gap = time_gap(manifest, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
+    del table, pool_ids, labeled_ids
+    pa.default_memory_pool().release_unused()  # the manifest's pages, before the column is loaded
     options: dict[str, Any] = {"gap": gap}
     if spec.rule in ("kcenter", "kmeans++"):
         from alges_dist.distributed.tasks import worker_device
