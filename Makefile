@@ -47,9 +47,13 @@ $(LS_VENV)/.installed:
 test: install label-studio
 	$(PY) -m pytest
 
+# On an otherwise idle machine (each script prints the load average with its table).
 bench: install
+	$(PY) scripts/bench_local.py
+	$(PY) scripts/bench_scale.py
 	$(PY) scripts/bench_scoring.py
 	$(PY) scripts/bench_selection.py
+	$(PY) scripts/bench_video.py
 	$(PY) scripts/bench_pipeline.py
 
 clean:
