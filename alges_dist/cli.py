@@ -156,10 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _label(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-
-    from alges_dist import handoff
+@contextlib.contextmanager
+def _existing_run(args: argparse.Namespace):
+    """(config, Experiment) of the run folder ``args.out``, its lock held (label, export)."""
     from alges_dist.config import load_config
     from alges_dist.loop import Experiment, resolve_pool
     from alges_dist.run_folder import RunFolderLock
@@ -169,7 +168,15 @@ def _label(args: argparse.Namespace) -> int:
     with RunFolderLock(args.out, " ".join(args.argv)):
         _log_to(args.out, args.argv)
         cfg = load_config(args.out / "config.yaml")
-        exp = Experiment(cfg, args.out, resolve_pool(cfg))
+        yield cfg, Experiment(cfg, args.out, resolve_pool(cfg))
+
+
+def _label(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from alges_dist import handoff
+
+    with _existing_run(args) as (cfg, exp):
         if args.source is None:
             r = exp.import_labels(args.strategy, args.seed, args.masks)
             manifest = exp.manifest(args.strategy, args.seed)
@@ -195,18 +202,9 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from alges_dist.config import load_config
     from alges_dist.handoff import export_batch
-    from alges_dist.loop import Experiment, resolve_pool
 
-    from alges_dist.run_folder import RunFolderLock
-
-    if not (args.out / "config.yaml").is_file():
-        raise FileNotFoundError(f"{args.out} is not a run folder: config.yaml is missing")
-    with RunFolderLock(args.out, " ".join(args.argv)):
-        _log_to(args.out, args.argv)
-        cfg = load_config(args.out / "config.yaml")
-        exp = Experiment(cfg, args.out, resolve_pool(cfg))
+    with _existing_run(args) as (cfg, exp):
         r = exp.pending_round(args.strategy, args.seed)
         dest = export_batch(cfg, exp, args.strategy, args.seed, r, exp.manifest(args.strategy, args.seed),
                             args.format, args.dest, document_root=args.document_root)
