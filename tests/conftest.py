@@ -37,17 +37,24 @@ def ray_local():
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        _SESSION_DIRS.append(context.address_info["session_dir"])
     return ray
+
+
+_SESSION_DIRS: list[str] = []  # the instances this test process started: removed at its end
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_exit():
     yield
+    import shutil
     import sys
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
+    for folder in _SESSION_DIRS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
