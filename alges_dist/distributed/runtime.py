@@ -49,6 +49,12 @@ def bind_to_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _drop_opt_out_notice(record: logging.LogRecord) -> bool:
+    # Ray 2.60 announces its default token auth at every local start and how to switch it
+    # off; auth stays on here, the run log says so ("auth: token"), the console stays quiet.
+    return "to opt out" not in record.getMessage()
+
+
 def on_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
@@ -95,6 +101,9 @@ class RaySession:
             log.info(self.description)
             return self
         bind_to_loopback()
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        if _drop_opt_out_notice not in notice.filters:
+            notice.addFilter(_drop_opt_out_notice)
         self.started_at = time.time()
         self.owned = True
         # The instance's own address in every process it starts: Ray's internals that look an
