@@ -309,11 +309,12 @@ def _rounds(args: argparse.Namespace) -> int:
             _log_to(args.out, args.argv)
             log.info("%s", session.description)
             exp.prepare(force_config=args.force_config)
+            if session.owned:  # this process is the command's own: Ray's native lines go to a log file
+                stack.enter_context(native_stderr_to(args.out / "ray-driver.log"))
+            # after the redirect: the console writes to the new sys.stderr, which still is the console
             console = Console(len(runs) * (cfg.loop.n_rounds + 1 if rounds is None else 1))
             args.console = console
             quiet_ray_data(console.tty)
-            if session.owned:  # this process is the command's own: Ray's native lines go to a log file
-                stack.enter_context(native_stderr_to(args.out / "ray-driver.log"))
 
             def on_stage(event: str, stage: str, strategy: str, seed: int, r: int, info: dict) -> None:
                 console.stage(event, stage, strategy, seed, r, info)

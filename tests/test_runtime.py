@@ -10,6 +10,7 @@ run picks.
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import time
@@ -54,6 +55,18 @@ def test_a_finished_run_leaves_no_ray_process_and_no_session_folder(uninterrupte
     watched, out, _ = uninterrupted
     assert_left_nothing(watched, out)
     assert "Reporting training result" not in watched.stdout + watched.stderr
+
+
+def test_without_a_tty_the_console_gets_one_line_per_stage_and_no_ray_lines(uninterrupted):
+    watched, out, _ = uninterrupted
+    lines = [line for line in watched.stderr.splitlines() if line.strip()]
+    for stage in ("train", "evaluate", "score", "select"):
+        assert any(re.fullmatch(rf"{STRATEGY} seed 0 round 0: {stage} done in \d+\.\d s( \(.*\))?", line)
+                   for line in lines), (stage, lines)
+    noise = [line for line in lines if re.search(r"core_worker|TrainingReport|Reporting training result|"
+                                                 r"to opt out|\r|it/s\]", line)]
+    assert noise == []
+    assert (out / "ray-driver.log").exists()  # where Ray's C++ core writes in the driver
 
 
 def test_keep_ray_logs_keeps_the_session_folder(demo_manifest, tmp_path):
