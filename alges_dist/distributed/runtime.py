@@ -30,6 +30,9 @@ LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
+    # ours (distributed/training.py): no placement-group cleaner actor, whose job (a crashed
+    # controller's placement group) ends with a local instance anyway
+    "ALGES_LOCAL_FITS": "1",
 }
 
 

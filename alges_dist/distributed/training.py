@@ -149,6 +149,22 @@ class TrainResult(NamedTuple):
     seconds: float
 
 
+def _local_trainer_class():
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    class LocalTrainer(DataParallelTrainer):
+        """Ray Train for a local instance: without the placement-group cleaner, an actor (a
+        process) per fit that frees a crashed controller's placement group; a local instance
+        ends with its command, and its groups with it."""
+
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTrainer
+
+
 def train_model(
     cfg: Config,
     manifest: Path,
@@ -191,7 +207,8 @@ def train_model(
         # One worker needs no process group: without TorchConfig the controller never imports
         # torch either, 2-3 s less per fit here (scripts/bench_local.py)
         backend = BackendConfig()
-    trainer = DataParallelTrainer(
+    trainer_class = _local_trainer_class() if os.environ.get("ALGES_LOCAL_FITS") == "1" else DataParallelTrainer
+    trainer = trainer_class(
         _train_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
