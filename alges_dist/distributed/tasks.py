@@ -8,6 +8,8 @@ or, locally, on the local instance's. The result comes back with a ``where`` rec
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import logging
 import os
@@ -102,4 +104,8 @@ def on_worker(fn: Callable[..., Any], *args: Any, gpu: bool = False, cpus: float
         raise
     except BaseException:
         ray.cancel(ref, force=True)  # Ctrl-C in the driver: do not leave the task running
+        # and let the cancellation settle before the command shuts Ray down: a reply that
+        # arrives after shutdown crashes Ray's core ("Tried to complete task that was not pending")
+        with contextlib.suppress(BaseException):
+            ray.wait([ref], timeout=10)
         raise
