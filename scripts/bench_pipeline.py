@@ -168,7 +168,8 @@ def main() -> None:
     base_fps = rows[0][2]["frames"] / rows[0][2]["seconds"]
     ray_x1_rss = rows[1][2]["peak_rss"]
     print(f"\nUnet-resnet18, {args.size}x{args.size}, batch {args.batch}, {args.threads} torch threads, CPU "
-          f"({os.cpu_count()} cores)\n")
+          f"({os.cpu_count()} cores); load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
+          f"{os.getloadavg()[2]:.2f}\n")
     print("| run | pool | frames | seconds | frames/s | vs in-process | peak RSS (GB) | RSS vs x1 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, scale, r in rows:

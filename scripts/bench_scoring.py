@@ -245,7 +245,8 @@ def main() -> None:
     print(
         f"{args.arch}-{args.encoder}, {args.classes} classes, {args.size}x{args.size}, "
         f"batch {args.batch}, {where}, autocast {args.autocast}, torch {torch.__version__}, "
-        f"cudnn.benchmark {args.cudnn_benchmark}, best of {args.iters} rounds\n"
+        f"cudnn.benchmark {args.cudnn_benchmark}, best of {args.iters} rounds; "
+        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}\n"
     )
     cpu = {method: min(times) for method, times in cpu_seconds.items()}
     print("| method | s / batch | frames/s | CPU s / batch | peak memory (MiB) |")

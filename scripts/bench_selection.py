@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         if "error" not in r and r["picks"]:
             r["radius"] = covering_radius(r["n"], args, r["picks"])
+    print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
+          f"{os.cpu_count()} CPUs")
     print(f"\nk-center greedy, d={args.d}, float32 data, {args.labeled} labeled, {args.budget} picks; "
           f"`python {' '.join(sys.argv)}`\n")
     print(table(results, args))

@@ -22,6 +22,7 @@ of half storage, ~1e-3 relative).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import sys
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\nSelection at archive size: N = {args.n:,} x d = {args.d}, {args.storage_dtype} storage, "
           f"{args.labeled:,} labeled, {args.budget:,} picks, input on {args.input}; {where}, "
-          f"torch {torch.__version__}; floor = one torch.mv over the stored rows, {floor * 1e3:.2f} ms\n")
+          f"torch {torch.__version__}; floor = one torch.mv over the stored rows, {floor * 1e3:.2f} ms; "
+          f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}\n")
     print("| rule | labeled-set backend | total s | start s | picks s | per pick ms | x floor | "
           "GPU peak MB | last pick radius | covering radius after (cdist) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

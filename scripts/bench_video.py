@@ -149,7 +149,8 @@ def main() -> None:
         job = job_rates(clips[args.job_seconds], args.job_seconds, args.job_size, tmp) if args.job_seconds else None
 
     print(f"\n{args.width}x{args.height} H.264, 25 fps, GOP 250, {rates['frames']} rows at 1 fps, "
-          f"{os.cpu_count()} cores, one decoder thread, per CPU-second\n")
+          f"{os.cpu_count()} cores, one decoder thread, per CPU-second; "
+          f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}\n")
     print("| decode | frames / CPU-s | CPU-ms / frame |")
     print("|---|---:|---:|")
     for key, name in (("a", "(a) chunked: one seek per 100 rows"), ("b", "(b) one seek per frame"),
