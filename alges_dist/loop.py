@@ -243,7 +243,8 @@ class Experiment(RunLayout):
         # on a GPU, a process of its own: the device memory goes back to the scorers when it ends
         # (on the CPU a warm worker saves the 2-3 s of a new process and its imports)
         picked, where = on_worker(pick_batch, self.cfg_dict, strategy, str(self.manifest_file(strategy, seed).resolve()),
-                                  scores, seed=_round_seed(seed, r), n_shards=n_shards, gpu=gpu, fresh=gpu)
+                                  scores, seed=_round_seed(seed, r), n_shards=n_shards, pool=str(self.pool.resolve()),
+                                  gpu=gpu, fresh=gpu)
         info = {k: v for k, v in picked.items() if k not in ("frame_id", "value")} | {"where": where.as_dict()}
         atomic_write_text(self.round_dir(strategy, seed, r) / "selection.json", json.dumps(info, indent=1))
         out = pa.table({

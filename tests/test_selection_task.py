@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from alges_dist.config import load_config
-from alges_dist.data.manifest import MaskEncoding, make_manifest, mark_labeled, write_manifest
+from alges_dist.data.manifest import MaskEncoding, make_manifest, mark_labeled, read_manifest, set_uris, write_manifest
 from alges_dist.distributed import selection_task
 from alges_dist.distributed.selection_task import ScoreRows, column_bytes, pick_batch, shards_needed
 from alges_dist.run_folder import peak_rss_mb
@@ -113,6 +114,29 @@ def test_time_gap_keeps_a_batch_apart_in_each_video(tmp_path):
         assert all(b - a >= 10 for a, b in zip(ts, ts[1:]))
     plain = pick_batch(_cfg(), "entropy", str(manifest), str(scores), seed=0)
     assert plain["frame_id"] != got["frame_id"]
+
+
+def test_time_gap_takes_labeled_frames_times_from_the_pool_once_they_are_png_files(tmp_path):
+    pool, scores, ids, _ = _run(tmp_path, video=True)
+    # the run's manifest after labeling: the labeled video frames point at their exported PNGs
+    run = read_manifest(pool)
+    labeled = run.table.filter(pc.is_valid(run.table["labeled_round"]))["frame_id"].to_pylist()
+    table = set_uris(run.table, "image_uri", {f: f"/run/frames/{f}.png" for f in labeled})
+    manifest = tmp_path / "run_manifest.parquet"
+    write_manifest(table, manifest, ENCODING)
+    def near_labeled(picks):
+        return [f for f in picks for g in labeled
+                if f.split("_")[0] == g.split("_")[0] and abs(int(f.split("_")[1]) - int(g.split("_")[1])) < 3]
+
+    for strategy in ("entropy", "random", "alges-img", "alges-img-kcenter"):  # every rule
+        plain = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=0, pool=str(pool))
+        got = pick_batch(_cfg("selection.min_gap_s=3"), strategy, str(manifest), str(scores), seed=0, pool=str(pool))
+        assert len(got["frame_id"]) == 15 and near_labeled(got["frame_id"]) == [], strategy
+        if strategy == "entropy":
+            assert near_labeled(plain["frame_id"]), "the scores put entropy's picks next to labeled frames"
+    # without the pool the PNG rows have no time: nothing is kept away from them, and nothing fails
+    blind = pick_batch(_cfg("selection.min_gap_s=3"), "entropy", str(manifest), str(scores), seed=0)
+    assert len(blind["frame_id"]) == 15
 
 
 def test_shard_count_follows_the_column_bytes_and_device_memory(tmp_path):

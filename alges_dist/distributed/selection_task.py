@@ -126,22 +126,26 @@ class ScoreRows:
 
 def time_gap(manifest: str, ids: pa.Array, gap_s: float):
     """The ``TimeGap`` of the rows ``ids``: videos from ``video_id``, times from ``#t=`` URIs
-    (rows without a time, image files, are never near another)."""
+    (rows without a time, image files, are never near another). ``manifest``: the pool's, whose
+    URIs keep their times (a run's labeled video frames point at their exported PNGs)."""
     from alges_dist.selection_engine import TimeGap
 
     table = pq.read_table(manifest, columns=["frame_id", "video_id", "image_uri"])
     table = table.take(pc.index_in(ids, value_set=table["frame_id"].combine_chunks()))
-    seconds = pc.extract_regex(table["image_uri"].combine_chunks(), r"#t=(?P<t>\d+(?:\.\d+)?)$").field("t")
-    has_time = pc.is_valid(seconds)
+    matched = pc.extract_regex(table["image_uri"].combine_chunks(), r"#t=(?P<t>\d+(?:\.\d+)?)$")
+    has_time = pc.is_valid(matched)  # a struct's field is not null where the struct is: test the struct
+    seconds = pc.cast(pc.if_else(has_time, matched.field("t"), "0"), pa.float64())
     codes = pc.dictionary_encode(table["video_id"]).combine_chunks().indices.to_numpy(zero_copy_only=False)
     group = np.where(has_time.to_numpy(zero_copy_only=False), codes, -1).astype(np.int64)
-    secs = pc.fill_null(pc.cast(seconds, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
-    return TimeGap(group, np.ascontiguousarray(secs, np.float64), float(gap_s))
+    return TimeGap(group, np.array(seconds.to_numpy(zero_copy_only=False), np.float64), float(gap_s))  # writable
 
 
 def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str | None, *, seed: int,
-               n_shards: int = 1) -> dict[str, Any]:
+               n_shards: int = 1, pool: str | None = None) -> dict[str, Any]:
     """The round's query batch: ``{"frame_id": [...], "value": [...], "seconds": ...}`` in pick order.
+
+    manifest: the run's (labels); pool: the pool manifest it was made from, whose URIs give
+    ``selection.min_gap_s`` each video frame's time (default: ``manifest``).
 
     value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
     score (top-k), NaN (random).
@@ -149,7 +153,7 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
     import alges_dist.selection  # noqa: F401  (torch: imports are not the stage's memory)
 
     with PeakRSS() as rss:
-        picked = _pick(config, strategy, manifest, scores_dir, seed=seed, n_shards=n_shards)
+        picked = _pick(config, strategy, manifest, scores_dir, seed=seed, n_shards=n_shards, pool=pool or manifest)
     # this worker's memory after imports, and its peak during the stage (scripts/bench_scale.py)
     return {**picked, "rss_start_mb": rss.start / 2**20, "peak_rss_mb": rss.peak / 2**20}
 
@@ -179,7 +183,7 @@ class PeakRSS:
 
 
 def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str | None, *, seed: int,
-          n_shards: int) -> dict[str, Any]:
+          n_shards: int, pool: str) -> dict[str, Any]:
     from alges_dist.selection import select
 
     t0 = time.perf_counter()
@@ -193,8 +197,11 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     ids = _sorted_candidates(scores_dir, column, pool_ids)
     labeled = pc.is_in(ids, value_set=labeled_ids).to_numpy(zero_copy_only=False)
     if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
-        ids, labeled = ids.filter(pa.array(~labeled)), labeled[~labeled]
-    gap = time_gap(manifest, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
+        keep = ~labeled
+        if opts.min_gap_s > 0 and labeled.any():  # and, with a gap, away from the labeled frames
+            keep &= ~time_gap(pool, ids, opts.min_gap_s).near(np.flatnonzero(labeled))
+        ids, labeled = ids.filter(pa.array(keep)), labeled[keep]
+    gap = time_gap(pool, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
     del table, pool_ids, labeled_ids
     pa.default_memory_pool().release_unused()  # the manifest's pages, before the column is loaded
     options: dict[str, Any] = {"gap": gap}
