@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from alges_dist.run_folder import peak_rss_mb  # VmHWM: this process's own peak
 
 OURS = {"ours-torch": ("float32", "torch"), "ours-faiss": ("float32", "faiss"),
         "ours-bf16": ("bfloat16", "torch"), "ours-f16": ("float16", "torch")}
@@ -45,10 +46,6 @@ def make_pool(n: int, d: int, n_labeled: int, seed: int = 0) -> tuple[np.ndarray
     labeled = np.zeros(n, bool)
     labeled[rng.choice(n, n_labeled, replace=False)] = True
     return x, labeled
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
 
 # ---- contenders (run inside the worker subprocess) -------------------------------------------------

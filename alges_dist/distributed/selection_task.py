@@ -196,12 +196,14 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     labeled_ids = table.filter(pc.is_valid(table["labeled_round"]))["frame_id"].combine_chunks()
     ids = _sorted_candidates(scores_dir, column, pool_ids)
     labeled = pc.is_in(ids, value_set=labeled_ids).to_numpy(zero_copy_only=False)
+    gap = time_gap(pool, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
     if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
         keep = ~labeled
-        if opts.min_gap_s > 0 and labeled.any():  # and, with a gap, away from the labeled frames
-            keep &= ~time_gap(pool, ids, opts.min_gap_s).near(np.flatnonzero(labeled))
+        if gap is not None and labeled.any():  # and, with a gap, away from the labeled frames
+            keep &= ~gap.near(np.flatnonzero(labeled))
         ids, labeled = ids.filter(pa.array(keep)), labeled[keep]
-    gap = time_gap(pool, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
+        if gap is not None:
+            gap = gap._replace(group=gap.group[keep], seconds=gap.seconds[keep])
     del table, pool_ids, labeled_ids
     pa.default_memory_pool().release_unused()  # the manifest's pages, before the column is loaded
     options: dict[str, Any] = {"gap": gap}

@@ -9,7 +9,6 @@ or, locally, on the local instance's. The result comes back with a ``where`` rec
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import logging
 import os
