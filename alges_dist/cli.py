@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--class-map", help="mask value -> class id, as for `ingest folder`")
     video.add_argument("--class-names", help="comma-separated class names for --class-map")
     video.add_argument("--split", choices=["video"], default="video", help="whole videos per split (the only choice)")
-    video.add_argument("--fractions", default="0.7,0.15,0.15", help="pool,val,test shares of frames (default "
-                       "0.7,0.15,0.15)")
+    video.add_argument("--fractions", help="pool,val,test shares of frames, whole videos per split (default: "
+                       "0.7,0.15,0.15 with --masks; without masks every frame is in the pool, 1,0,0: an unlabeled "
+                       "archive; give e.g. 0.8,0,0.2 to hold out test videos whose frames people annotate)")
     video.add_argument("--skip-bad", action="store_true", help="record unusable files in the sidecar and go on")
     video.add_argument("--max-pixels", type=int, help="refuse videos whose frames have more pixels (default 40000000)")
     chole = ingest_sub.add_parser(
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.9,0.95; needs loop.full_data_reference: true)")
     label = sub.add_parser(
         "label", help="import people's labels for a run's pending query batch (loop.oracle: human/labelstudio)",
-        description="Set mask_uri and labeled_round for the picks of the pending round, all or nothing: from "
+        description="Label the batch that waits for people (the first batch and its test frames, or a round's "
+        "picks), all or nothing: from "
         "a folder of masks (MASKS/FRAME_ID.<ext>, in the pool's encoding) or from an annotation tool's export "
         "(Label Studio JSON, CVAT XML/zip incl. Segmentation mask 1.1, COCO JSON; `labelstudio` pulls the "
         "batch from the configured server). Then rerun `alges run`.")
@@ -132,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--masks", type=Path, help="folder of masks named FRAME_ID.png")
     source.add_argument("--from", dest="source", metavar="EXPORT",
                         help="an annotation tool's export of the batch, or `labelstudio` (loop.oracle: labelstudio)")
-    label.add_argument("--strategy", required=True, help="which strategy's batch")
-    label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--strategy", help="which strategy's batch (needed only when several batches wait)")
+    label.add_argument("--seed", type=int, help="which seed's batch (needed only when several batches wait)")
     label.add_argument("--format", choices=FORMAT_NAMES, help="the export's format (default: detected)")
     label.add_argument("--pick", choices=["only", "latest"], default="only",
                        help="frames with several annotations: refuse (only, default) or take the latest")
@@ -146,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pre-annotations) and the class names/colours for an annotation tool, with a README on how to load it. "
         "Bring the labels back with `alges label --from`.")
     export.add_argument("--out", type=Path, required=True, help="the run folder")
-    export.add_argument("--strategy", required=True, help="which strategy's batch")
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--strategy", help="which strategy's batch (needed only when several batches wait)")
+    export.add_argument("--seed", type=int, help="which seed's batch (needed only when several batches wait)")
     export.add_argument("--format", choices=FORMAT_NAMES, required=True)
     export.add_argument("--dest", type=Path, help="folder to write (default: RUN/STRATEGY/seed_S/round_RR/export_FORMAT)")
     export.add_argument("--document-root", type=Path,
@@ -172,32 +174,28 @@ def _existing_run(args: argparse.Namespace):
 
 
 def _label(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-
     from alges_dist import handoff
 
     with _existing_run(args) as (cfg, exp):
+        batch = exp.pending_batch(args.strategy, args.seed)
         if args.source is None:
-            r = exp.import_labels(args.strategy, args.seed, args.masks)
-            manifest = exp.manifest(args.strategy, args.seed)
-            rows = manifest.table.filter(pc.equal(manifest.table["labeled_round"], r + 1))
-            mask_uris = dict(zip(rows["frame_id"].to_pylist(), rows["mask_uri"].to_pylist()))
-            handoff.write_correction(exp.round_dir(args.strategy, args.seed, r),
-                                     handoff.effort_of_masks(exp.round_dir(args.strategy, args.seed, r), mask_uris,
-                                                             manifest))
+            copies = exp.import_labels(batch, args.masks)
+            handoff.write_correction(batch.folder, handoff.effort_of_masks(batch.folder, copies,
+                                                                           exp.batch_manifest(batch)))
         else:  # an annotation tool's export: checked whole, re-encoded into the pool's encoding, then imported
-            r, source, fmt = exp.pending_round(args.strategy, args.seed), Path(args.source), args.format
+            source, fmt = Path(args.source), args.format
             if args.source == "labelstudio":
                 from alges_dist.annotation.labelstudio_api import client_from_env
 
                 client = client_from_env(cfg.labelstudio.url, cfg.labelstudio.token_env)
-                source, fmt = handoff.pull_from_labelstudio(exp, args.strategy, args.seed, r, client), "labelstudio"
-            converted = handoff.labels_from_export(exp, args.strategy, args.seed, r,
-                                                   exp.manifest(args.strategy, args.seed), source, fmt=fmt,
+                source, fmt = handoff.pull_from_labelstudio(batch, client), "labelstudio"
+            converted = handoff.labels_from_export(batch, exp.batch_manifest(batch), source, fmt=fmt,
                                                    pick_latest=args.pick == "latest", unpainted=args.unpainted)
-            r = exp.import_labels(args.strategy, args.seed, converted.folder)
-            handoff.write_correction(exp.round_dir(args.strategy, args.seed, r), converted.effort)
-    print(f"labeled round {r + 1} of {args.strategy}/seed {args.seed}; rerun `alges run` to continue")
+            exp.import_labels(batch, converted.folder)
+            handoff.write_correction(batch.folder, converted.effort)
+        if batch.strategy is None:
+            exp.first_batch.write_record()
+    print(f"labeled {batch.name}; rerun `alges run` to continue")
     return 0
 
 
@@ -205,10 +203,10 @@ def _export(args: argparse.Namespace) -> int:
     from alges_dist.handoff import export_batch
 
     with _existing_run(args) as (cfg, exp):
-        r = exp.pending_round(args.strategy, args.seed)
-        dest = export_batch(cfg, exp, args.strategy, args.seed, r, exp.manifest(args.strategy, args.seed),
-                            args.format, args.dest, document_root=args.document_root)
-    print(f"exported round {r} of {args.strategy}/seed {args.seed} for {args.format}: {dest} (see its README.md)")
+        batch = exp.pending_batch(args.strategy, args.seed)
+        dest = export_batch(cfg, exp, batch, exp.batch_manifest(batch), args.format, args.dest,
+                            document_root=args.document_root)
+    print(f"exported {batch.name} for {args.format}: {dest} (see its README.md)")
     return 0
 
 
@@ -260,7 +258,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
         names = args.class_names.split(",") if args.class_names else None
         encoding = parse_class_map(args.class_map, class_names=names) if args.class_map else None
-        fractions = tuple(float(f) for f in args.fractions.split(","))
+        default = "0.7,0.15,0.15" if args.masks else "1,0,0"  # an archive without masks: all frames in the pool
+        fractions = tuple(float(f) for f in (args.fractions or default).split(","))
         pixels = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
         table = ingest_video(args.videos, args.out, fps=args.fps, masks=args.masks, encoding=encoding,
                              fractions=fractions, skip_bad=args.skip_bad, **pixels)
@@ -318,7 +317,7 @@ def _rounds(args: argparse.Namespace) -> int:
 
             def on_stage(event: str, stage: str, strategy: str, seed: int, r: int, info: dict) -> None:
                 console.stage(event, stage, strategy, seed, r, info)
-                if event == "done" and stage == exp.stages(r)[-1]:
+                if event == "done" and r >= 0 and stage == exp.stages(r)[-1]:
                     console.round_done()
 
             exp.on_stage, exp.on_progress = on_stage, console.progress

@@ -156,10 +156,25 @@ class LoopConfig(_Section):
         "simulated", description="simulated: the pool's masks; human: stop for `alges label`; "
         "labelstudio: push each batch to a Label Studio project, then stop for `alges label --from labelstudio`."
     )
+    initial_strategy: Literal["auto", "random", "spread", "kcenter"] = Field(
+        "auto", description="How the first batch is picked when the pool has no labeled frame: random (seeded, "
+        "loop.initial_seed), spread (every video its share, frames evenly spaced in time, selection.min_gap_s kept), "
+        "kcenter (k-center greedy on the encoder's pooled feature at the initial weights, scored on workers). "
+        "auto: spread when people annotate (human, labelstudio), random for the simulated oracle.")
+    test_frames: int = Field(
+        20, ge=0, description="With people annotating (human, labelstudio) and a test split without masks: test "
+        "frames spread over the test videos, handed off once with the first batch; the learning curves use them.")
     full_data_reference: bool = Field(
         False, description="Also train once per seed on every pool frame with a mask (same recipe, same initial "
         "weights) and evaluate it: the report's full-data line and frames-to-target fractions refer to it."
     )
+
+    @property
+    def first_batch_strategy(self) -> str:
+        """initial_strategy resolved: "auto" is spread with people, random with the simulated oracle."""
+        if self.initial_strategy != "auto":
+            return self.initial_strategy
+        return "random" if self.oracle == "simulated" else "spread"
 
     @field_validator("strategies")
     @classmethod

@@ -45,7 +45,7 @@ class Console:
             self.rounds = tqdm(total=total_rounds, desc="rounds", unit="round", dynamic_ncols=True, file=self.stream)
 
     def stage(self, event: str, stage: str, strategy: str, seed: int, r: int, info: dict[str, Any]) -> None:
-        where = f"{strategy} seed {seed} round {r}: {stage}"
+        where = f"{strategy}: {stage}" if r < 0 else f"{strategy} seed {seed} round {r}: {stage}"  # r < 0: before round 0
         if event == "start":
             self.where, self._started = where, time.perf_counter()
             if self.rounds is not None:

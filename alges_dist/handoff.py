@@ -140,17 +140,20 @@ def frames_as_files(manifest: Manifest, frame_ids: list[str], round_dir: Path) -
                     manifest.encoding)
 
 
-def write_batch(round_dir: Path, picks: list[str], manifest: Manifest) -> Path:
-    """The query batch for annotators: ``to_annotate.csv`` (rank, frame_id, image_uri) and
-    ``to_annotate.png`` (a contact sheet); returns the sheet's path."""
-    uri = batch_images(round_dir, picks, manifest)
+def write_batch(folder: Path, picks: list[str], manifest: Manifest, splits: list[str] | None = None) -> Path:
+    """The query batch for annotators: ``to_annotate.csv`` (rank, frame_id, image_uri, split:
+    ``test`` frames are annotated to measure the model, never trained on) and ``to_annotate.png``
+    (a contact sheet); returns the sheet's path."""
+    uri = batch_images(folder, picks, manifest)
+    splits = splits or ["pool"] * len(picks)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["pick_rank", "frame_id", "image_uri"])
-    writer.writerows((i, csv_cell(f), csv_cell(uri[f])) for i, f in enumerate(picks))
-    base = Path(round_dir) / "to_annotate"
+    writer.writerow(["pick_rank", "frame_id", "image_uri", "split"])
+    writer.writerows((i, csv_cell(f), csv_cell(uri[f]), s) for i, (f, s) in enumerate(zip(picks, splits)))
+    base = Path(folder) / "to_annotate"
     atomic_write_text(base.with_suffix(".csv"), buf.getvalue())
-    return contact_sheet([uri[f] for f in picks], picks, base.with_suffix(".png"))
+    labels = [f if s == "pool" else f"{f} (test)" for f, s in zip(picks, splits)]
+    return contact_sheet([uri[f] for f in picks], labels, base.with_suffix(".png"))
 
 
 def find_masks(folder: Path, picks: list[str]) -> dict[str, Path]:
@@ -206,54 +209,73 @@ CORRECTION_CSV = "correction.csv"  # round folder: per imported frame, pixels pe
 LABELSTUDIO_RECORD = "labelstudio.json"  # round folder: where the batch was pushed (never the token)
 
 
-def _picks(layout: RunLayout, strategy: str, seed: int, r: int) -> pa.Table:
-    import pyarrow.parquet as pq
+class Batch(NamedTuple):
+    """A query batch people label: a round's picks, or the first batch of a cold start."""
 
-    return pq.read_table(layout.selection_path(strategy, seed, r)).sort_by("pick_rank")
+    name: str  # for messages: "round 2 of random/seed 0", "the first batch"
+    folder: Path  # where its hand-off files live (the round folder, RUN/initial)
+    selection: Path  # its picks: pick_rank, frame_id, value (and split, on a cold start)
+    model: Path | None  # the model that picked it, whose masks are pre-annotations (None: no model yet)
+    key: str  # its name in annotation tools
+    label_args: str  # how `alges label` names it: " --strategy S --seed N", or "" for the first batch
+    strategy: str | None = None  # which run and round it belongs to (None: the first batch)
+    seed: int | None = None
+    round: int | None = None
+
+    def picks(self) -> pa.Table:
+        """pick_rank, frame_id, value, split (``pool`` where the selection has no split column)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.selection).sort_by("pick_rank")
+        if "split" not in table.column_names:
+            table = table.append_column("split", pa.array(["pool"] * table.num_rows, pa.string()))
+        return table
 
 
-def batch_key(layout: RunLayout, strategy: str, seed: int, r: int) -> str:
-    """A batch's name in tools: run folder name + a hash of its path, strategy, seed, round."""
+def batch_key(layout: RunLayout, name: str) -> str:
+    """A batch's name in tools: run folder name + a hash of its path, then the batch within the run."""
     run = layout.out.resolve()
-    return f"{run.name}-{hashlib.sha1(str(run).encode()).hexdigest()[:8]}/{strategy}/seed_{seed}/round_{r:02d}"
+    return f"{run.name}-{hashlib.sha1(str(run).encode()).hexdigest()[:8]}/{name}"
 
 
-def preannotations(cfg: Any, layout: RunLayout, strategy: str, seed: int, r: int,
-                   images: dict[str, str]) -> dict[str, np.ndarray]:
+def preannotations(cfg: Any, batch: Batch, images: dict[str, str]) -> dict[str, np.ndarray | None]:
     """The model's class ids ``(H, W)`` uint8 at each frame's native size, predicted once by the
-    model that picked the batch and kept in the round folder (the correction effort compares to them)."""
+    model that picked the batch and kept in its folder (the correction effort compares to them);
+    None per frame when no model picked it (a cold start)."""
     from PIL import Image
 
-    folder = layout.round_dir(strategy, seed, r) / PREANNOTATIONS
+    if batch.model is None:
+        return dict.fromkeys(images)
+    folder = batch.folder / PREANNOTATIONS
     missing = [f for f in images if not (folder / f"{f}.png").is_file()]
     if missing:
-        model = layout.model_path(strategy, seed, r)
-        for frame_id, ids in zip(missing, predict_masks(model, cfg, [images[f] for f in missing], None)):
+        for frame_id, ids in zip(missing, predict_masks(batch.model, cfg, [images[f] for f in missing], None)):
             with atomic_path(folder / f"{frame_id}.png") as tmp:
                 Image.fromarray(ids.astype(np.uint8)).save(tmp, format="PNG")
     return {f: np.array(Image.open(folder / f"{f}.png")) for f in images}
 
 
-def export_batch(cfg: Any, layout: RunLayout, strategy: str, seed: int, r: int, manifest: Manifest, fmt: str,
-                 dest: Path | None = None, *, document_root: Path | None = None) -> Path:
-    """Write round ``r``'s query batch for an annotation tool (``fmt``: labelstudio, cvat, coco)."""
+def export_batch(cfg: Any, layout: RunLayout, batch: Batch, manifest: Manifest, fmt: str, dest: Path | None = None,
+                 *, document_root: Path | None = None) -> Path:
+    """Write ``batch`` for an annotation tool (``fmt``: labelstudio, cvat, coco)."""
     from alges_dist.annotation.formats import ExportFrame, check_format, class_colours, write_export
 
     check_format(fmt)
-    table = _picks(layout, strategy, seed, r)
+    table = batch.picks()
     picks = table["frame_id"].to_pylist()
-    images = batch_images(layout.round_dir(strategy, seed, r), picks, manifest)
-    predicted = preannotations(cfg, layout, strategy, seed, r, images)
+    images = batch_images(batch.folder, picks, manifest)
+    predicted = preannotations(cfg, batch, images)
     frames = [ExportFrame(f, int(rank), None if value is None or math.isnan(value) else float(value),
-                          Path(images[f]), predicted[f])
-              for f, rank, value in zip(picks, table["pick_rank"].to_pylist(), table["value"].to_pylist())]
+                          Path(images[f]), predicted[f], split)
+              for f, rank, value, split in zip(picks, table["pick_rank"].to_pylist(), table["value"].to_pylist(),
+                                               table["split"].to_pylist())]
     enc = manifest.encoding
-    dest = Path(dest) if dest is not None else layout.round_dir(strategy, seed, r) / f"export_{fmt}"
+    dest = Path(dest) if dest is not None else batch.folder / f"export_{fmt}"
     out = write_export(frames, fmt, dest, class_names=enc.class_names,
                        colours=class_colours(enc.mode, enc.class_map, enc.n_classes, PALETTE),
-                       model_version=f"alges {strategy} seed {seed} round {r}",
-                       batch=batch_key(layout, strategy, seed, r), document_root=document_root)
-    log.info("exported %d frames of %s/seed %d round %d for %s: %s", len(frames), strategy, seed, r, fmt, out)
+                       model_version=f"alges {batch.name}", batch=batch.key, document_root=document_root,
+                       label_args=batch.label_args)
+    log.info("exported %d frames of %s for %s: %s", len(frames), batch.name, fmt, out)
     return out
 
 
@@ -264,11 +286,10 @@ class ConvertedLabels(NamedTuple):
     effort: list[Any]  # regions.CorrectionEffort per pick; empty when the batch had no pre-annotations
 
 
-def labels_from_export(layout: RunLayout, strategy: str, seed: int, r: int, manifest: Manifest, source: Path, *,
-                       fmt: str | None = None, pick_latest: bool = False,
-                       unpainted: str | None = None) -> ConvertedLabels:
-    """Check a tool's export of round ``r``'s batch and write its labels as masks in the pool's
-    encoding (``ROUND/annotations/FRAME_ID.png``), ready for ``collect_masks``.
+def labels_from_export(batch: Batch, manifest: Manifest, source: Path, *, fmt: str | None = None,
+                       pick_latest: bool = False, unpainted: str | None = None) -> ConvertedLabels:
+    """Check a tool's export of ``batch`` and write its labels as masks in the pool's encoding
+    (``BATCH/annotations/FRAME_ID.png``), ready for ``collect_masks``.
 
     Everything is checked before anything is written; errors name the frame and the file.
     ``unpainted``: "ignore" (pixels nobody painted get the pool's ignore value) or
@@ -286,8 +307,8 @@ def labels_from_export(layout: RunLayout, strategy: str, seed: int, r: int, mani
     if unpainted == "ignore" and ignore_value(enc) is None:
         raise ValueError("unpainted pixels cannot be ignored: the pool's mask encoding has no ignore value")
     policy = unpainted or ("ignore" if ignore_value(enc) is not None else "refuse")
-    picks = _picks(layout, strategy, seed, r)["frame_id"].to_pylist()
-    round_dir = layout.round_dir(strategy, seed, r)
+    picks = batch.picks()["frame_id"].to_pylist()
+    round_dir = batch.folder
     images = batch_images(round_dir, picks, manifest)
     sizes = {f: Image.open(images[f]).size[::-1] for f in picks}  # (height, width) of what people saw
     tool = read_annotations(Path(source), fmt, enc.class_names, pick_latest=pick_latest)
@@ -351,35 +372,33 @@ def correction_summary(round_dir: Path) -> dict[str, Any] | None:
             "annotation_seconds": sum(timed) if timed else None, "n_frames_timed": len(timed)}
 
 
-def push_to_labelstudio(cfg: Any, layout: RunLayout, strategy: str, seed: int, r: int, manifest: Manifest,
-                        client: Any) -> dict[str, Any]:
-    """Put round ``r``'s batch into the Label Studio project of ``cfg.labelstudio`` (once).
+def push_to_labelstudio(cfg: Any, layout: RunLayout, batch: Batch, manifest: Manifest, client: Any) -> dict[str, Any]:
+    """Put ``batch`` into the Label Studio project of ``cfg.labelstudio`` (once).
 
     The frames and tasks are exported under ``labelstudio.document_root`` (the server's
     local-files root), a local-files storage is added for them, and the tasks are imported
-    with the model's masks as predictions. Returns the record kept in the round folder.
+    with the model's masks as predictions (none on a cold start). Returns the record kept
+    in the batch's folder.
     """
     from alges_dist.annotation.labelstudio import label_names_of_config
 
-    record_path = layout.round_dir(strategy, seed, r) / LABELSTUDIO_RECORD
+    record_path = batch.folder / LABELSTUDIO_RECORD
     if record_path.is_file():
         return json.loads(record_path.read_text())
     settings = cfg.labelstudio
-    key = batch_key(layout, strategy, seed, r)
     root = Path(settings.document_root)
-    dest = export_batch(cfg, layout, strategy, seed, r, manifest, "labelstudio", root / "alges" / key,
-                        document_root=root)
+    dest = export_batch(cfg, layout, batch, manifest, "labelstudio", root / "alges" / batch.key, document_root=root)
     config = (dest / "label_config.xml").read_text()
     project_id = client.project_id(settings.project, config)
     theirs = label_names_of_config(client.label_config(project_id))
     if theirs != label_names_of_config(config):
         raise ValueError(f"Label Studio project {settings.project!r} labels {sorted(theirs)}, the pool's classes are "
                          f"{sorted(label_names_of_config(config))}; set labelstudio.project to another project")
-    client.ensure_local_storage(project_id, str((dest / "images").resolve()), title=f"alges {key}")
-    there = [t for t in client.export_tasks(project_id) if (t.get("data") or {}).get("alges_batch") == key]
+    client.ensure_local_storage(project_id, str((dest / "images").resolve()), title=f"alges {batch.key}")
+    there = [t for t in client.export_tasks(project_id) if (t.get("data") or {}).get("alges_batch") == batch.key]
     if not there:  # a push cut short after the import must not add the tasks twice
         client.import_tasks(project_id, json.loads((dest / "tasks.json").read_text()))
-    record = {"url": client.url, "project": settings.project, "project_id": project_id, "batch": key,
+    record = {"url": client.url, "project": settings.project, "project_id": project_id, "batch": batch.key,
               "n_tasks": len(json.loads((dest / "tasks.json").read_text())), "export": str(dest)}
     atomic_write_text(record_path, json.dumps(record, indent=1))
     log.info("pushed %d frames to Label Studio project %r (id %d) at %s", record["n_tasks"], settings.project,
@@ -387,16 +406,16 @@ def push_to_labelstudio(cfg: Any, layout: RunLayout, strategy: str, seed: int, r
     return record
 
 
-def pull_from_labelstudio(layout: RunLayout, strategy: str, seed: int, r: int, client: Any) -> Path:
-    """Download the Label Studio export of round ``r``'s tasks into the round folder; returns the file."""
-    record_path = layout.round_dir(strategy, seed, r) / LABELSTUDIO_RECORD
+def pull_from_labelstudio(batch: Batch, client: Any) -> Path:
+    """Download the Label Studio export of ``batch``'s tasks into its folder; returns the file."""
+    record_path = batch.folder / LABELSTUDIO_RECORD
     if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} does not exist: round {r} of {strategy}/seed {seed} was not pushed "
-                                "to Label Studio (run `alges run` with loop.oracle: labelstudio first)")
+        raise FileNotFoundError(f"{record_path} does not exist: {batch.name} was not pushed to Label Studio "
+                                "(run `alges run` with loop.oracle: labelstudio first)")
     record = json.loads(record_path.read_text())
     tasks = [t for t in client.export_tasks(record["project_id"])
              if (t.get("data") or {}).get("alges_batch") == record["batch"]]
-    path = layout.round_dir(strategy, seed, r) / "labelstudio_export.json"
+    path = batch.folder / "labelstudio_export.json"
     atomic_write_text(path, json.dumps(tasks))
     log.info("pulled %d tasks of %s from Label Studio project %r", len(tasks), record["batch"], record["project"])
     return path

@@ -78,6 +78,9 @@ def round_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                "n_labeled": int(np.mean([m["n_labeled"] for m in members])),
                                "n_seeds": len(members)}
         for metric in METRICS:
+            if any(m[metric] is None for m in members):  # not evaluated: no test frame has a mask
+                row[f"{metric}_mean"] = row[f"{metric}_std"] = None
+                continue
             values = np.array([m[metric] for m in members], dtype=np.float64)
             row[f"{metric}_mean"] = float(values.mean())
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -121,9 +124,13 @@ def format_results(results_csv: Path) -> str:
     rows = read_results(results_csv)
     if not rows:
         return f"{results_csv}: no completed rounds yet"
+    def cell(r: dict[str, Any], metric: str) -> str:
+        mean = r[f"{metric}_mean"]
+        return "not evaluated" if mean is None else f"{mean:.4f} ± {r[f'{metric}_std']:.4f}"
+
     return markdown_table([
         {"strategy": r["strategy"], "round": r["round"], "labeled": r["n_labeled"], "seeds": r["n_seeds"],
-         "dice": f"{r['dice_mean']:.4f} ± {r['dice_std']:.4f}", "miou": f"{r['miou_mean']:.4f} ± {r['miou_std']:.4f}"}
+         "dice": cell(r, "dice"), "miou": cell(r, "miou")}
         for r in round_table(rows)
     ])
 
@@ -245,6 +252,38 @@ def _method_note(rows: Sequence[dict[str, Any]], baseline: str | None) -> str:
     return f"<p>{note}</p>"
 
 
+NOT_EVALUATED = ("Not evaluated: no test frame of this run has a mask, so there is no learning curve, AULC or "
+                 "frames-to-target. The rounds trained and selected as usual. To measure the model, ingest with test "
+                 "videos held out (e.g. `alges ingest video --fractions 0.8,0,0.2`): a run with people annotating "
+                 "then hands off loop.test_frames of them with the first batch.")
+
+
+def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: Path) -> Path:
+    """The report of a run without test masks: what was labeled and picked, and why there are no curves."""
+    import pyarrow.parquet as pq
+
+    for stale in ("aulc.csv", "frames_to_target.csv", "learning_curves.png", "round_differences.csv"):
+        (out / stale).unlink(missing_ok=True)  # from an earlier report of this folder, if any
+    atomic_write_text(out / "headline.md", NOT_EVALUATED + "\n")
+    atomic_write_text(out / "aulc.md", NOT_EVALUATED + "\n")
+    queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
+    videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
+    _write_table(videos, out, "per_video")
+    sheets = last_batches(run, cfg, queries, out) if queries is not None else []
+    counts = [{k: r[k] for k in ("strategy", "round", "n_labeled", "n_seeds")} for r in table]
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>alges report</title></head><body>",
+             f"<h1>Active-learning report: {html.escape(run.name)}</h1>", f"<p><b>{html.escape(NOT_EVALUATED)}</b></p>",
+             "<h2>Labeled frames per round</h2>" + _html_table(counts),
+             "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos)]
+    parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
+    effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
+    if effort:
+        write_csv(effort, out / "correction.csv")
+        parts.append("<h2>Correction effort</h2>" + _html_table(effort))
+    atomic_write_text(out / "report.html", "\n".join([*parts, "</body></html>"]))
+    return out / "report.html"
+
+
 def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
                  target_fractions: Sequence[float] = TARGET_FRACTIONS) -> Path:
     """Build ``RUN/report/`` from the run folder alone; returns the report.html path.
@@ -272,6 +311,8 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     table = round_table(rows)
     near_pick_column(table, run, cfg)  # picks near another pick or label of their video (issue 11)
     _write_table(table, out, "rounds")
+    if all(r[metric] is None for r in rows):
+        return _unevaluated_report(run, cfg, table, out)
     areas = aulc_table(rows, metric, compared)
     _write_table(areas, out, "aulc")
 

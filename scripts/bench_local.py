@@ -104,7 +104,7 @@ def main() -> None:
 
     from alges_dist.config import load_config
     from alges_dist.data.demo import demo_pool
-    from alges_dist.data.rounds import draw_initial_set
+    from alges_dist.cold_start import draw_initial_set
     from alges_dist.distributed import runtime
     from alges_dist.distributed.training import initial_weights
 

@@ -68,8 +68,9 @@ def synthetic_pool(folder: Path, n: int, px: int, *, n_files: int = 64) -> Path:
 
 
 def manifest_stages(pool: Path, work: Path, budget: int) -> dict[str, float]:
+    from alges_dist.cold_start import draw_initial_set
     from alges_dist.data.manifest import filter_manifest, read_manifest
-    from alges_dist.data.rounds import draw_initial_set, label_frames
+    from alges_dist.data.rounds import label_frames
 
     times = {}
     t = time.perf_counter()
@@ -94,7 +95,7 @@ def ready_to_select(pool: Path, out: Path, dim: int, budget: int, sets: list[str
 
     from alges_dist.config import load_config
     from alges_dist.data.atomic import atomic_write_text
-    from alges_dist.data.rounds import draw_initial_set
+    from alges_dist.cold_start import draw_initial_set
     from alges_dist.distributed.training import initial_weights
     from alges_dist.run_folder import RunLayout
 

@@ -25,7 +25,7 @@ from alges_dist.annotation.labelstudio import brush_results
 from alges_dist.config import load_config
 from alges_dist.data.atomic import atomic_write_text
 from alges_dist.data.manifest import read_manifest, write_manifest
-from alges_dist.data.rounds import draw_initial_set
+from alges_dist.cold_start import draw_initial_set
 from alges_dist.distributed.selection_task import pick_batch
 from alges_dist.distributed.training import initial_weights
 from alges_dist.loop import Experiment

@@ -24,15 +24,16 @@ from alges_dist.annotation.regions import FrameAnnotation, Region
 PREANNOTATION_MARK = "alges pre-annotations"
 
 
-def instances(frames: Sequence[dict[str, Any]], predicted: Sequence[np.ndarray], class_names: Sequence[str],
+def instances(frames: Sequence[dict[str, Any]], predicted: Sequence[np.ndarray | None], class_names: Sequence[str],
               colours: Sequence[Sequence[int]]) -> dict[str, Any]:
     """The instances JSON of a batch. ``frames``: per image ``file_name`` plus extra keys kept on
-    the image record (``frame_id``, ``pick_rank``, ``acquisition``); ``predicted``: class ids ``(H, W)``."""
+    the image record (``frame_id``, ``pick_rank``, ``acquisition``, ``split``; ``height`` and
+    ``width`` where ``predicted`` is None); ``predicted``: class ids ``(H, W)``, or None (no model yet)."""
     images, annotations = [], []
     for image_id, (frame, ids) in enumerate(zip(frames, predicted), 1):
-        height, width = ids.shape
-        images.append({"id": image_id, "width": width, "height": height, **frame})
-        for class_id in np.unique(ids).tolist():
+        height, width = ids.shape if ids is not None else (frame["height"], frame["width"])
+        images.append({"id": image_id, **frame, "width": int(width), "height": int(height)})
+        for class_id in [] if ids is None else np.unique(ids).tolist():
             if class_id >= len(class_names):
                 continue
             mask = ids == class_id

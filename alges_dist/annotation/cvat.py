@@ -40,11 +40,11 @@ def frame_id_of(name: str) -> str:
     return base
 
 
-def annotations_xml(frames: Sequence[tuple[str, np.ndarray]], class_names: Sequence[str],
+def annotations_xml(frames: Sequence[tuple[str, np.ndarray | None, tuple[int, int]]], class_names: Sequence[str],
                     colours: Sequence[Sequence[int]]) -> str:
     """CVAT for images 1.1: the label set (mask labels with colours) and one mask per class present.
 
-    ``frames``: (image file name, predicted class ids ``(H, W)``) in pick order.
+    ``frames``: (image file name, predicted class ids ``(H, W)`` or None, (H, W)) in pick order.
     """
     names = label_names(class_names)
     root = ET.Element("annotations")
@@ -56,10 +56,9 @@ def annotations_xml(frames: Sequence[tuple[str, np.ndarray]], class_names: Seque
         ET.SubElement(label, "color").text = "#{:02x}{:02x}{:02x}".format(*colour)
         ET.SubElement(label, "type").text = "mask"
         ET.SubElement(label, "attributes")
-    for index, (file_name, ids) in enumerate(frames):
-        height, width = ids.shape
+    for index, (file_name, ids, (height, width)) in enumerate(frames):
         image = ET.SubElement(root, "image", id=str(index), name=file_name, width=str(width), height=str(height))
-        for class_id in np.unique(ids).tolist():
+        for class_id in [] if ids is None else np.unique(ids).tolist():
             if class_id >= len(names):
                 continue
             shape = cvat_encode(ids == class_id)

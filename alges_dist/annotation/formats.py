@@ -35,13 +35,24 @@ EXPORT_FILES = ("tasks.json", "label_config.xml", "annotations.xml", "cvat_label
 
 
 class ExportFrame(NamedTuple):
-    """One pick of the batch: its image file and the model's class ids ``(H, W)`` at that size."""
+    """One pick of the batch: its image file and the model's class ids ``(H, W)`` at that size
+    (None on a cold start: no model exists yet, so the tool shows the frame unpainted)."""
 
     frame_id: str
     pick_rank: int
     acquisition: float | None  # the value the pick rule ranked by (distance, score); None for random
     image: Path
-    predicted: np.ndarray
+    predicted: np.ndarray | None
+    split: str = "pool"  # "test": annotated for evaluation only, never trained on
+
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the frame, from the prediction or the image header."""
+        if self.predicted is not None:
+            return self.predicted.shape[:2]
+        from PIL import Image
+
+        with Image.open(self.image) as im:
+            return im.size[::-1]
 
 
 class ToolLabels(NamedTuple):
@@ -65,11 +76,17 @@ def _image_name(frame: ExportFrame) -> str:
     return f"{frame.frame_id}{frame.image.suffix.lower() or '.png'}"
 
 
-def _readme(fmt: str, n_frames: int, batch: str, image_url_root: str | None) -> str:
-    head = (f"# Query batch {batch}\n\n{n_frames} frames picked by active learning, with the model's masks as "
-            "pre-annotations: correct them rather than painting from scratch. `images/` holds the frames as "
-            "`FRAME_ID.<ext>`; `alges_export.json` lists the picks (rank, acquisition value).\n\n")
-    back = ("Bring the labels back with\n\n    alges label --out RUN --strategy STRATEGY --seed SEED --from EXPORT\n\n"
+def _readme(fmt: str, frames: Sequence[ExportFrame], batch: str, image_url_root: str | None, label_args: str) -> str:
+    painted = any(f.predicted is not None for f in frames)
+    how = ("with the model's masks as pre-annotations: correct them rather than painting from scratch" if painted
+           else "without pre-annotations (no model exists before the first batch is labeled)")
+    tests = [f.frame_id for f in frames if f.split == "test"]
+    test_note = (f"{len(tests)} of them are test frames (`split: test`): annotated once to measure the model, "
+                 "never trained on. " if tests else "")
+    head = (f"# Query batch {batch}\n\n{len(frames)} frames picked by active learning, {how}. {test_note}"
+            "`images/` holds the frames as `FRAME_ID.<ext>`; `alges_export.json` lists the picks (rank, acquisition "
+            "value, split).\n\n")
+    back = (f"Bring the labels back with\n\n    alges label --out RUN{label_args} --from EXPORT\n\n"
             "where EXPORT is the tool's export (below). Every pick must be annotated exactly once with the "
             "classes listed here; nothing is imported until every frame passes.\n")
     if fmt == "labelstudio":
@@ -79,7 +96,7 @@ def _readme(fmt: str, n_frames: int, batch: str, image_url_root: str | None) -> 
             "2. Create a project with `label_config.xml` (Settings > Labeling Interface > Code).\n"
             "3. Settings > Cloud Storage > Add Source Storage > Local files, path: this folder's `images/` "
             "(no sync needed).\n4. Import `tasks.json`: each task carries the model's masks as a prediction; "
-            "open a task and start from the prediction.\n5. Export > JSON, then:\n\n") + back
+            "open a task and start from the prediction where there is one.\n5. Export > JSON, then:\n\n") + back
     if fmt == "cvat":
         return head + (
             "## CVAT\n\n1. Create a task with the labels of `cvat_labels.json` (Raw label editor) and the files "
@@ -107,14 +124,15 @@ class _Batch(NamedTuple):
 def _write_labelstudio(folder: Path, frames: Sequence[ExportFrame], names: list[str], batch: _Batch) -> None:
     tasks = [labelstudio.task(
         {"image": f"{batch.images_url}/{name}", "frame_id": f.frame_id, "pick_rank": f.pick_rank,
-         "acquisition": f.acquisition, "alges_batch": batch.key},
+         "acquisition": f.acquisition, "split": f.split, "alges_batch": batch.key},
         f.predicted, batch.class_names, model_version=batch.model_version) for f, name in zip(frames, names)]
     atomic_write_text(folder / "tasks.json", json.dumps(tasks))
     atomic_write_text(folder / "label_config.xml", labelstudio.label_config(batch.class_names, batch.colours))
 
 
 def _write_cvat(folder: Path, frames: Sequence[ExportFrame], names: list[str], batch: _Batch) -> None:
-    xml = cvat.annotations_xml([(n, f.predicted) for f, n in zip(frames, names)], batch.class_names, batch.colours)
+    xml = cvat.annotations_xml([(n, f.predicted, f.shape()) for f, n in zip(frames, names)], batch.class_names,
+                               batch.colours)
     atomic_write_text(folder / "annotations.xml", xml)
     labels = [{"name": n, "color": labelstudio.hex_colour(c), "type": "mask", "attributes": []}
               for n, c in zip(cvat.label_names(batch.class_names), batch.colours)]
@@ -123,7 +141,8 @@ def _write_cvat(folder: Path, frames: Sequence[ExportFrame], names: list[str], b
 
 def _write_coco(folder: Path, frames: Sequence[ExportFrame], names: list[str], batch: _Batch) -> None:
     doc = coco.instances([{"file_name": n, "frame_id": f.frame_id, "pick_rank": f.pick_rank,
-                           "acquisition": f.acquisition} for f, n in zip(frames, names)],
+                           "acquisition": f.acquisition, "split": f.split, "height": f.shape()[0],
+                           "width": f.shape()[1]} for f, n in zip(frames, names)],
                          [f.predicted for f in frames], batch.class_names, batch.colours)
     atomic_write_text(folder / "instances.json", json.dumps(doc))
 
@@ -146,7 +165,7 @@ FORMATS = tuple(_TOOLS)
 
 def write_export(frames: Sequence[ExportFrame], fmt: str, dest: Path, *, class_names: Sequence[str],
                  colours: Sequence[Sequence[int]], model_version: str, batch: str,
-                 document_root: Path | None = None) -> Path:
+                 document_root: Path | None = None, label_args: str = " --strategy STRATEGY --seed SEED") -> Path:
     """Write the batch for ``fmt`` into ``dest`` (created whole or not at all); returns ``dest``.
 
     ``document_root`` (Label Studio): the folder the server serves ``/data/local-files/?d=``
@@ -175,9 +194,9 @@ def write_export(frames: Sequence[ExportFrame], fmt: str, dest: Path, *, class_n
         _TOOLS[fmt].write(tmp, frames, names, info)
         record = {"format": fmt, "batch": batch, "model_version": model_version, "class_names": list(class_names),
                   "picks": [{"pick_rank": f.pick_rank, "frame_id": f.frame_id, "acquisition": f.acquisition,
-                             "image": f"images/{n}"} for f, n in zip(frames, names)]}
+                             "split": f.split, "image": f"images/{n}"} for f, n in zip(frames, names)]}
         atomic_write_text(tmp / EXPORT_RECORD, json.dumps(record, indent=1))
-        atomic_write_text(tmp / "README.md", _readme(fmt, len(frames), batch, os.fspath(root.resolve())))
+        atomic_write_text(tmp / "README.md", _readme(fmt, frames, batch, os.fspath(root.resolve()), label_args))
     return dest
 
 

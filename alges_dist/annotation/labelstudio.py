@@ -66,9 +66,12 @@ def brush_results(class_ids: np.ndarray, class_names: Sequence[str], *, prefix: 
     return out
 
 
-def task(data: dict[str, Any], predicted: np.ndarray, class_names: Sequence[str], *, model_version: str,
+def task(data: dict[str, Any], predicted: np.ndarray | None, class_names: Sequence[str], *, model_version: str,
          score: float | None = None) -> dict[str, Any]:
-    """A task for Label Studio's import: ``data`` and the model's masks as one prediction."""
+    """A task for Label Studio's import: ``data`` and the model's masks as one prediction (none
+    when ``predicted`` is None: a cold start has no model)."""
+    if predicted is None:
+        return {"data": data}
     prediction: dict[str, Any] = {"model_version": model_version, "result": brush_results(predicted, class_names)}
     if score is not None:
         prediction["score"] = score

@@ -283,17 +283,21 @@ def _is_absolute_uri(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.fill_null(ok, True)
 
 
-def check_pool_for_run(table: pa.Table, *, needs_pool_masks: bool, source: str) -> None:
-    """Per-row requirements of an experiment, checked before any work: test frames are
-    evaluated (they need masks); with the simulated oracle every pool frame may be picked
-    and labeled from its mask. Raises ValueError naming the first row at fault."""
+def check_pool_for_run(table: pa.Table, *, needs_pool_masks: bool, source: str, needs_test_masks: bool = True) -> None:
+    """Per-row requirements of an experiment, checked before any work: with the simulated
+    oracle test frames are evaluated from their masks and every pool frame may be picked and
+    labeled from its mask (people annotate test frames and picks instead: neither needs one).
+    Raises ValueError naming the first row at fault."""
     needs = pc.equal(table.column("split"), "test")
+    if not needs_test_masks:
+        needs = pc.and_(needs, False)
     if needs_pool_masks:
         needs = pc.or_(needs, pc.equal(table.column("split"), "pool"))
     row = _first_true(pc.and_(needs, pc.is_null(table.column("mask_uri"))))
     if row is not None:
         split = table.column("split")[row].as_py()
-        why = "test frames are evaluated" if split == "test" else (
+        why = "the simulated oracle evaluates test frames from their masks (people annotate them with loop.oracle: " \
+            "human)" if split == "test" else (
             "the simulated oracle labels pool frames from their masks (use loop.oracle: human for unlabeled pools)")
         raise ValueError(f"{source}: {_row_name(table, row)} in split {split!r} has no mask_uri; {why}")
 

@@ -1,4 +1,4 @@
-"""Manifest steps of an experiment: check the pool, draw the initial set, label picks.
+"""Manifest steps of an experiment: check the pool, label picks (the initial set: ``cold_start``).
 
 Each reads or rewrites a whole manifest, so the loop runs them on a Ray worker
 (``distributed.tasks.on_worker``): the driver never holds the pool's rows. They are
@@ -11,7 +11,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,18 +33,21 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def pool_summary(pool: str, *, needs_pool_masks: bool) -> dict[str, Any]:
+def pool_summary(pool: str, *, needs_pool_masks: bool, needs_test_masks: bool = True) -> dict[str, Any]:
     """Validate the pool manifest for an experiment and count what the config is checked against.
 
     Raises ValueError naming the first row at fault (structure, URIs, masks the run needs).
     """
     table, encoding = read_manifest(pool)
-    check_pool_for_run(table, needs_pool_masks=needs_pool_masks, source=f"manifest {pool}")
+    check_pool_for_run(table, needs_pool_masks=needs_pool_masks, needs_test_masks=needs_test_masks,
+                       source=f"manifest {pool}")
     pool_rows = filter_manifest(table, split="pool")
+    test_rows = filter_manifest(table, split="test")
     return {
         "n_pool": pool_rows.num_rows,
         "n_labeled": pool_rows.num_rows - pool_rows["labeled_round"].null_count,
-        "n_test": filter_manifest(table, split="test").num_rows,
+        "n_test": test_rows.num_rows,
+        "n_test_masked": test_rows.num_rows - test_rows["mask_uri"].null_count,
         "n_classes": encoding.n_classes,
         "sha256": file_sha256(pool),
     }
@@ -65,28 +67,6 @@ def video_frames_as_files(table: pa.Table, frame_ids: list[str], folder: Path, *
     videos = dict(zip(rows["frame_id"].to_pylist(), rows["image_uri"].to_pylist()))
     options = {} if max_pixels is None else {"max_pixels": max_pixels}
     return set_uris(table, "image_uri", export_video_frames(Path(folder) / "frames", videos, **options))
-
-
-def draw_initial_set(pool: str, out: str, n: int, seed: int, *, max_pixels: int | None = None) -> int:
-    """Write the experiment's initial manifest: ``n`` pool frames drawn with ``seed`` labeled
-    in round 0 (a pool that already has labeled frames keeps them instead). Labeled, val and
-    test video frames with masks become PNG files beside it (``frames/``). Returns the count."""
-    from alges_dist.selection import random
-
-    table, encoding = read_manifest(pool)
-    unlabeled = filter_manifest(table, split="pool", labeled=False)
-    labeled = filter_manifest(table, split="pool", labeled=True).num_rows
-    if labeled == 0:
-        ids = unlabeled["frame_id"].to_numpy(zero_copy_only=False)
-        picks = random(None, np.zeros(len(ids), bool), n, seed=seed)
-        table = mark_labeled(table, ids[picks.indices].tolist(), 0)
-        labeled = len(picks.indices)
-    used = pc.and_(pc.or_(pc.is_valid(table["labeled_round"]), pc.not_equal(table["split"], "pool")),
-                   pc.is_valid(table["mask_uri"]))
-    table = video_frames_as_files(table, table.filter(used)["frame_id"].to_pylist(), Path(out).parent,
-                                  max_pixels=max_pixels)
-    write_manifest(table, out, encoding)
-    return labeled
 
 
 def full_data_manifest(pool: str, out: str, *, max_pixels: int | None = None) -> int:

@@ -98,8 +98,10 @@ def split_by_videos(frames_per_video: dict[str, int], fractions: Sequence[float]
     n_positive = sum(f > 0 for f in fracs)
     if len(videos) < n_positive:
         raise ValueError(
-            f"{len(videos)} video(s) cannot fill {n_positive} splits with whole videos; "
-            "use split='ranges' or set unused fractions to 0"
+            f"{len(videos)} video(s) cannot fill {n_positive} splits with whole videos; set the unused splits' "
+            f"fractions to 0: --fractions 1,0,0 (every frame in the pool)"
+            + (", or --fractions 0.8,0,0.2 (test videos held out)" if len(videos) >= 2 else "")
+            + " (`alges ingest folder` also takes --split ranges)"
         )
     cumulative = [0]
     for video in videos:

@@ -238,7 +238,8 @@ def ingest_video(
                  if masks is not None else [None] * len(frame_ids))
     unlabeled_eval = sum(1 for v, m in zip(video_of, mask_uris) if split_of[v] != "pool" and m is None)
     if unlabeled_eval:
-        log.warning("%d val/test rows have no mask; evaluation needs a mask for every val/test frame", unlabeled_eval)
+        log.info("%d val/test rows have no mask: people annotate loop.test_frames of the test frames with the "
+                 "first batch (loop.oracle: human or labelstudio); the simulated oracle refuses them", unlabeled_eval)
     table = make_manifest(frame_ids=frame_ids, video_ids=video_of, frame_indices=indices, image_uris=uris,
                           mask_uris=mask_uris, splits=[split_of[v] for v in video_of])
     sidecar = pa.Table.from_pylist([_sidecar_row(p.stem, p, sampled[p.stem]) for p in paths], schema=SIDECAR_SCHEMA)

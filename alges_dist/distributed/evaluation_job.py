@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -19,12 +20,20 @@ from alges_dist.evaluation import evaluate
 from alges_dist.models import load_model
 
 
-def evaluate_checkpoint(config: dict[str, Any], manifest: str, model_path: str) -> dict[str, float]:
-    """Test-split metrics of the model saved at ``model_path`` (runs on a worker)."""
+def evaluate_checkpoint(config: dict[str, Any], manifest: str, model_path: str) -> dict[str, Any]:
+    """Test-split metrics of the model saved at ``model_path`` (runs on a worker).
+
+    The test frames with masks are evaluated (people annotate a few test frames of an unlabeled
+    archive: the others have none); with none, the metrics are None and ``skipped`` says why.
+    """
     cfg = Config.model_validate(config)
     torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
     device = torch.device(worker_device())
     test = pq.read_table(manifest, filters=[("split", "=", "test")]).cast(MANIFEST_SCHEMA)
+    test = test.filter(pc.is_valid(test["mask_uri"]))
+    if test.num_rows == 0:
+        return {"dice": None, "miou": None, "mdice": None, "n_frames": 0,
+                "skipped": "no test frames with masks: evaluation skipped"}
     encoding = read_encoding(manifest)
     model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).to(device)
     loader = torch.utils.data.DataLoader(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from alges_dist.config import Config
@@ -62,6 +63,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     train_set = FrameDataset(filter_manifest(table, split="pool", labeled=True), encoding, size,
                              cfg.data.normalize, max_pixels=cfg.data.max_pixels)
     val_rows = filter_manifest(table, split="val")
+    val_rows = val_rows.filter(pc.is_valid(val_rows["mask_uri"]))  # people annotate no val frames
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_set) > cfg.train.batch_size
     )
