@@ -197,6 +197,8 @@ class Experiment(RunLayout):
                                   str(self.model_path(strategy, seed, r).resolve()), gpu=self.use_gpu,
                                   cpus=self.cfg.scoring.cpus_per_actor)
         atomic_write_text(self.eval_path(strategy, seed, r), json.dumps({**scores, "where": where.as_dict()}, indent=1))
+        if scores["dice"] is None:
+            return {"skipped": "no test frames with masks", "where": where.as_dict()}
         return {"dice": scores["dice"], "miou": scores["miou"], "where": where.as_dict()}
 
     def reference(self, seed: int) -> None:
