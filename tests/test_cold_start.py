@@ -311,3 +311,83 @@ def test_label_names_the_batches_when_more_than_one_waits(pending_run, demo_mani
     assert "2 batches" in err and "--strategy random --seed 0" in err and "--strategy entropy --seed 0" in err
     assert main(["label", "--out", str(exp.out), "--masks", str(masks), "--strategy", "entropy"]) == 0
     assert main(["label", "--out", str(exp.out), "--masks", str(masks)]) == 0  # one left: no flags needed
+
+
+# ---- the same loop through a real Label Studio server -----------------------------------------------------
+NAMES = ["background", "liver", "fat", "gallbladder", "instrument"]
+TOKEN_ENV = "ALGES_TEST_LABEL_STUDIO_TOKEN"
+
+
+@pytest.fixture
+def server(tmp_path):
+    import labelstudio_server
+
+    reason = labelstudio_server.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with labelstudio_server.running(tmp_path / "label-studio") as running:
+        yield running
+
+
+def _annotate_in_labelstudio(client, masks: Path, batch_key_part: str) -> list[dict]:
+    """An annotator paints every task of the batch with its frame's true mask (through the REST API)."""
+    from alges_dist.annotation.labelstudio import brush_results
+
+    project_id = client.request("GET", "/api/projects")["results"][0]["id"]
+    tasks = [t for t in client.request("GET", f"/api/projects/{project_id}/tasks")
+             if t["data"]["alges_batch"].endswith(batch_key_part)]
+    for t in tasks:
+        truth = np.array(Image.open(masks / f"{t['data']['frame_id']}.png"))
+        client.request("POST", f"/api/tasks/{t['id']}/annotations",
+                       {"result": brush_results(truth, NAMES), "lead_time": 20.0})
+    return tasks
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_unlabeled_archive_through_label_studio(ray_local, archive, server, tmp_path, monkeypatch, capsys):
+    """From a video pool with zero masks: the first batch and its test frames are pushed without
+    predictions, annotated through Label Studio's API, pulled; round 0 is trained and evaluated on
+    the annotated test frames; the next batches are pushed with the model's masks; two rounds."""
+    from alges_dist.annotation.labelstudio_api import LabelStudioClient
+
+    monkeypatch.setenv(TOKEN_ENV, server.token)
+    videos, masks = archive
+    pool = tmp_path / "pool.parquet"
+    assert main(["ingest", "video", "--videos", str(videos), "--fps", "1", "--fractions", "0.5,0,0.5",
+                 "--class-map", CLASS_MAP, "--class-names", ",".join(NAMES), "--out", str(pool)]) == 0
+    out = tmp_path / "run"
+    run = ["run", "--pool", str(pool), "--out", str(out),
+           *_sets(*FAST, "loop.n_rounds=2", "loop.strategies=[random]", "loop.test_frames=4",
+                  "loop.oracle=labelstudio", f"labelstudio.url={server.url}", f"labelstudio.token_env={TOKEN_ENV}",
+                  "labelstudio.project=alges cold start", f"labelstudio.document_root={server.document_root}")]
+    client = LabelStudioClient(server.url, server.token)
+
+    assert main(run) == 3
+    assert "the first batch: 4 frames and 4 test frames await annotation in Label Studio" in capsys.readouterr().out
+    tasks = _annotate_in_labelstudio(client, masks, "/first_batch")
+    assert sorted(t["data"]["split"] for t in tasks) == ["pool"] * 4 + ["test"] * 4
+    assert all(t["total_predictions"] == 0 for t in tasks)  # no model yet: nothing to pre-annotate
+    assert main(["label", "--out", str(out), "--from", "labelstudio"]) == 0
+    initial, encoding = read_manifest(out / "initial" / "manifest.parquet")
+    from alges_dist.data.frames import load_mask
+
+    for t in tasks:  # Label Studio's brush export, decoded, is the annotator's mask pixel for pixel
+        row = initial["frame_id"].to_pylist().index(t["data"]["frame_id"])
+        assert initial["split"][row].as_py() == t["data"]["split"]
+        np.testing.assert_array_equal(load_mask(initial["mask_uri"][row].as_py(), encoding),
+                                      np.array(Image.open(masks / f"{t['data']['frame_id']}.png")))
+
+    for r in (0, 1):
+        assert main(run) == 3
+        assert f"round {r} of random/seed 0: 3 frames await annotation in Label Studio" in capsys.readouterr().out
+        evaluation = out / ("initial/seed_0/round_00" if r == 0 else "random/seed_0/round_01") / "eval.json"
+        assert json.loads(evaluation.read_text())["n_frames"] == 4  # the annotated test frames
+        tasks = _annotate_in_labelstudio(client, masks, f"/random/seed_0/round_{r:02d}")
+        assert len(tasks) == 3 and all(t["total_predictions"] == 1 for t in tasks)  # the model's masks
+        assert main(["label", "--out", str(out), "--from", "labelstudio"]) == 0
+    assert main(run) == 0
+    results = list(csv.DictReader(open(out / "results.csv")))
+    assert [int(r["n_labeled"]) for r in results] == [4, 7, 10] and all(0 <= float(r["dice"]) <= 1 for r in results)
+    correction = json.loads((out / "random" / "seed_0" / "round_00" / "record.json").read_text())["correction"]
+    assert correction["n_frames"] == 3 and correction["annotation_seconds"] == pytest.approx(60.0)
