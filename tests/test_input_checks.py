@@ -116,7 +116,7 @@ def test_a_pool_the_run_cannot_use_fails_before_any_work(ray_local, demo_manifes
     write_manifest(table.set_column(4, "mask_uri", pa.array(masks, pa.string())), pool, encoding)
     assert main(["run", "--pool", str(pool), "--out", str(tmp_path / "run"), *_sets(*FAST)]) == 2
     err = capsys.readouterr().err
-    assert f"row {test_row}" in err and "in split 'test' has no mask_uri; test frames are evaluated" in err
+    assert f"row {test_row}" in err and "in split 'test' has no mask_uri; the simulated oracle evaluates test frames" in err
     assert not (tmp_path / "run").exists()
 
 

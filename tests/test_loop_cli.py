@@ -106,6 +106,14 @@ def test_bad_config_fails_before_any_work(demo_manifest, tmp_path, capsys):
 def test_human_oracle_hands_off_then_imports_masks(ray_local, demo_manifest, tmp_path, capsys):
     out = tmp_path / "run"
     args = _args("run", demo_manifest, out, "loop.strategies=[random]", "loop.n_rounds=1", "loop.oracle=human")
+    table, encoding = read_manifest(demo_manifest)
+    mask_of = dict(zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist()))
+    assert main(args) == 3  # nothing is labeled: the first batch waits for people
+    first = [r["frame_id"] for r in csv.DictReader(open(out / "initial" / "to_annotate.csv"))]
+    (tmp_path / "first").mkdir()
+    for f in first:
+        (tmp_path / "first" / f"{f}.png").write_bytes(open(mask_of[f], "rb").read())
+    assert main(["label", "--out", str(out), "--masks", str(tmp_path / "first")]) == 0
     assert main(args) == 3  # waiting for people
     handoff = out / "random" / "seed_0" / "round_00"
     assert "alges label" in capsys.readouterr().out
@@ -113,10 +121,8 @@ def test_human_oracle_hands_off_then_imports_masks(ray_local, demo_manifest, tmp
     listed = list(csv.DictReader(open(handoff / "to_annotate.csv")))
     assert [r["frame_id"] for r in listed] == picks and (handoff / "to_annotate.png").stat().st_size > 0
     # people return masks: here the pool's own, copied under the frame ids
-    table, encoding = read_manifest(demo_manifest)
     masks = tmp_path / "returned"
     masks.mkdir()
-    mask_of = dict(zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist()))
     for f in picks[:-1]:
         (masks / f"{f}.png").write_bytes(open(mask_of[f], "rb").read())
     assert main(["label", "--out", str(out), "--masks", str(masks), "--strategy", "random"]) == 2

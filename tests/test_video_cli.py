@@ -49,6 +49,12 @@ def test_ingest_run_two_rounds_export_pngs_import_labels(ray_local, archive, tmp
 
     out = tmp_path / "run"
     run = ["run", "--pool", str(pool), "--out", str(out), "--no-dashboard", *[a for s in FAST for a in ("--set", s)]]
+    assert main(run) == 3  # nothing labeled yet: the first batch goes to people (spread over the pool videos)
+    first = [row["frame_id"] for row in csv.DictReader(open(out / "initial" / "to_annotate.csv"))]
+    (tmp_path / "returned_first").mkdir()
+    for f in first:
+        shutil.copyfile(masks / f"{f}.png", tmp_path / "returned_first" / f"{f}.png")
+    assert main(["label", "--out", str(out), "--masks", str(tmp_path / "returned_first")]) == 0
     for r in (0, 1):
         assert main(run) == 3  # waiting for people
         round_dir = out / "entropy" / "seed_0" / f"round_{r:02d}"
