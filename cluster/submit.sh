@@ -8,6 +8,9 @@
 #
 # Token auth: the cluster requires Ray's token; the client reads it from RAY_AUTH_TOKEN,
 # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (RAY_AUTH_MODE=token is set here).
+#
+# Exit status: that of the job's `alges` command where Ray reports it: 0 done, 3 stopped for
+# people's labels (`alges label`, then submit the same command again), 1 anything else.
 set -euo pipefail
 address="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 wait_flag=()
@@ -32,7 +35,17 @@ runtime_env=$(cat <<JSON
 JSON
 )
 export RAY_AUTH_MODE=token
+output="$(mktemp "${TMPDIR:-/tmp}/alges-submit-log.XXXXXX")"
+trap 'rm -rf "$stage" "$output"' EXIT
 cd "$stage"
 # not exec: the EXIT trap removes the staging folder afterwards
+set +e
 ray job submit --address "$address" "${wait_flag[@]}" --working-dir . \
-  --runtime-env-json "$runtime_env" -- python -m alges_dist.cli "$@"
+  --runtime-env-json "$runtime_env" -- python -m alges_dist.cli "$@" 2>&1 | tee "$output"
+status=${PIPESTATUS[0]}
+set -e
+# `ray job submit` exits 1 for every failed job; a run waiting for labels is not a failure
+if [[ $status -ne 0 ]] && grep -q "failed with exit code 3[,.]" "$output"; then
+  exit 3
+fi
+exit "$status"

@@ -91,7 +91,22 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
         return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
                 f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
 
-    out = tmp_path / "run"
+    out, people = tmp_path / "run", tmp_path / "people"
+    fast = sets("data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "train.use_gpu=true",
+                "scoring.num_actors=2", "scoring.gpus_per_actor=0.5", "scoring.batch_size=8",
+                "selection.storage_dtype=bfloat16", "loop.initial_labeled=4", "loop.budget=3", "loop.n_rounds=1",
+                "loop.strategies=[alges-img-kcenter]")
+
+    def submit(*alges: str) -> subprocess.CompletedProcess:
+        for _ in range(3):  # the head's job agent registers a little later than its job API answers
+            res = subprocess.run(["bash", "cluster/submit.sh", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                                  *alges], cwd=REPO, env=env, timeout=1500, capture_output=True, text=True)
+            if "No available agent" not in res.stdout + res.stderr:
+                break
+            time.sleep(10)
+        return res
+
+    waiting = []
     try:
         subprocess.run([*start, *node_ports(), "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
@@ -99,19 +114,17 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
         subprocess.run([*start, *node_ports(), f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
                        check=True, env=env, timeout=300, capture_output=True)
         _wait_for_job_api(f"http://127.0.0.1:{dashboard}", env)
-        for _ in range(3):  # the head's job agent registers a little later than its job API answers
-            res = subprocess.run(
-                ["bash", "cluster/submit.sh", "--address", f"http://127.0.0.1:{dashboard}", "--",
-                 "run", "--pool", str(demo_manifest), "--out", str(out),
-                 *sets("data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "train.use_gpu=true",
-                       "scoring.num_actors=2", "scoring.gpus_per_actor=0.5", "scoring.batch_size=8",
-                       "selection.storage_dtype=bfloat16", "loop.initial_labeled=4", "loop.budget=3",
-                       "loop.n_rounds=1", "loop.strategies=[alges-img-kcenter]")],
-                cwd=REPO, env=env, timeout=1500, capture_output=True, text=True,
-            )
-            if "No available agent" not in res.stdout + res.stderr:
-                break
-            time.sleep(10)
+        res = submit("run", "--pool", str(demo_manifest), "--out", str(out), *fast)
+        # people in the loop on the cluster: the job stops after the hand-off (exit 3), labels come in
+        # with `alges label` where the run folder is, and the same submission continues
+        human = ["run", "--pool", str(demo_manifest), "--out", str(people), *fast,
+                 *sets("loop.oracle=human", "loop.initial_strategy=kcenter")]
+        waiting.append(submit(*human))
+        _return_masks(demo_manifest, people / "initial" / "to_annotate.csv", tmp_path / "masks0")
+        from alges_dist.cli import main
+
+        assert main(["label", "--out", str(people), "--masks", str(tmp_path / "masks0")]) == 0
+        waiting.append(submit(*human))
     finally:
         _stop_by_pid(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -134,3 +147,25 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
     assert len({w["node_id"] for w in ran_on.values()}) == 1  # the one GPU node
     with open(out / "results.csv") as fh:
         assert len(fh.read().splitlines()) == 3  # header + rounds 0 and 1
+
+    for res in waiting:
+        assert res.returncode == 3, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "the first batch: 4 frames await annotation" in waiting[0].stdout
+    assert "round 0 of alges-img-kcenter/seed 0: 3 frames await annotation" in waiting[1].stdout
+    first = json.loads((people / "initial" / "record.json").read_text())["stages"]
+    for stage in ("select",):  # the k-center cold start's embedding and picks ran on the GPU node
+        assert first[stage]["where"]["node_id"] != driver_node and first[stage]["where"]["gpu_ids"], first
+    assert all("/gpu" in w for w in first["score"]["where"])
+
+
+def _return_masks(manifest: Path, listed: Path, dest: Path) -> None:
+    """People's masks for the listed frames (here the demo pool's own)."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest, columns=["frame_id", "mask_uri"])
+    mask_of = dict(zip(table["frame_id"].to_pylist(), table["mask_uri"].to_pylist()))
+    dest.mkdir(parents=True)
+    for row in csv.DictReader(open(listed)):
+        shutil.copyfile(mask_of[row["frame_id"]], dest / f"{row['frame_id']}.png")
