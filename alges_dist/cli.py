@@ -174,14 +174,14 @@ def _existing_run(args: argparse.Namespace):
 
 
 def _label(args: argparse.Namespace) -> int:
-    from alges_dist import handoff
+    from alges_dist import handoff, people
 
     with _existing_run(args) as (cfg, exp):
-        batch = exp.pending_batch(args.strategy, args.seed)
+        batch = people.pending_batch(exp, args.strategy, args.seed)
         if args.source is None:
-            copies = exp.import_labels(batch, args.masks)
+            copies = people.import_labels(exp, batch, args.masks)
             handoff.write_correction(batch.folder, handoff.effort_of_masks(batch.folder, copies,
-                                                                           exp.batch_manifest(batch)))
+                                                                           people.batch_manifest(exp, batch)))
         else:  # an annotation tool's export: checked whole, re-encoded into the pool's encoding, then imported
             source, fmt = Path(args.source), args.format
             if args.source == "labelstudio":
@@ -189,9 +189,9 @@ def _label(args: argparse.Namespace) -> int:
 
                 client = client_from_env(cfg.labelstudio.url, cfg.labelstudio.token_env)
                 source, fmt = handoff.pull_from_labelstudio(batch, client), "labelstudio"
-            converted = handoff.labels_from_export(batch, exp.batch_manifest(batch), source, fmt=fmt,
+            converted = handoff.labels_from_export(batch, people.batch_manifest(exp, batch), source, fmt=fmt,
                                                    pick_latest=args.pick == "latest", unpainted=args.unpainted)
-            exp.import_labels(batch, converted.folder)
+            people.import_labels(exp, batch, converted.folder)
             handoff.write_correction(batch.folder, converted.effort)
         if batch.strategy is None:
             exp.first_batch.write_record()
@@ -200,11 +200,12 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from alges_dist import people
     from alges_dist.handoff import export_batch
 
     with _existing_run(args) as (cfg, exp):
-        batch = exp.pending_batch(args.strategy, args.seed)
-        dest = export_batch(cfg, exp, batch, exp.batch_manifest(batch), args.format, args.dest,
+        batch = people.pending_batch(exp, args.strategy, args.seed)
+        dest = export_batch(cfg, exp, batch, people.batch_manifest(exp, batch), args.format, args.dest,
                             document_root=args.document_root)
     print(f"exported {batch.name} for {args.format}: {dest} (see its README.md)")
     return 0

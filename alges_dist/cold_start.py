@@ -32,7 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alges_dist.data.atomic import atomic_path
-from alges_dist.data.manifest import filter_manifest, mark_labeled, read_manifest, set_uris, write_manifest
+from alges_dist.data.manifest import (
+    filter_manifest,
+    mark_labeled,
+    read_manifest,
+    set_uris,
+    write_manifest,
+)
 from alges_dist.data.rounds import video_frames_as_files
 
 SELECTION_COLUMNS = ("pick_rank", "frame_id", "value", "split")

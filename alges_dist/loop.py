@@ -1,7 +1,9 @@
 """Active-learning rounds: train -> evaluate -> score -> select -> label, resumable.
 
 Orchestration only. The run folder's layout and writers are ``run_folder``, the strategy
-table ``strategies``, the hand-off to people ``handoff``; every stage that touches the
+table ``strategies``, the stages before round 0 (the first batch and test frames, picked
+without a model) ``first_batch``, which batches wait for people and how they go out and
+come back ``people`` (the files and formats: ``handoff``); every stage that touches the
 pool's rows, a model or the embeddings runs on Ray workers (``distributed``): Ray Train
 for fits, Ray Data for scoring, Ray tasks for evaluation, selection and manifest steps.
 The driver holds ids of one query batch at most, never an N x d matrix, and needs no CUDA.
@@ -17,21 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from alges_dist import people
 from alges_dist.config import RESUMABLE_KEYS, Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
-from alges_dist.data.manifest import read_manifest, set_uris
+from alges_dist.data.manifest import read_manifest
 from alges_dist.data.rounds import (
     count_labeled,
     full_data_manifest,
@@ -41,22 +42,21 @@ from alges_dist.data.rounds import (
 )
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
-from alges_dist.handoff import (
-    Batch,
-    batch_images,
-    batch_key,
-    collect_masks,
-    correction_summary,
-    push_to_labelstudio,
-    write_batch,
+from alges_dist.first_batch import FirstBatch
+from alges_dist.handoff import correction_summary
+from alges_dist.people import WaitingForLabels  # noqa: F401  (the loop's stop signal; cli catches it here)
+from alges_dist.run_folder import (
+    RunLayout,
+    check_settings,
+    fingerprint,
+    forced_changes,
+    package_versions,
 )
-from alges_dist.run_folder import RunLayout, check_settings, fingerprint, forced_changes, package_versions
 from alges_dist.strategies import get_strategy, score_column
 
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "evaluate", "score", "select", "label")
-FIRST_BATCH_STAGES = ("score", "select", "label")  # before round 0: see FirstBatch
 
 
 def resolve_pool(cfg: Config) -> Path:
@@ -267,7 +267,11 @@ class Experiment(RunLayout):
     def _selection_shards(self, scores: str | None, column: str | None) -> int:
         """selection.shards, resolved: "auto" asks a worker of the selection's kind how much
         memory its device has and compares it with the column's bytes (from the shard footers)."""
-        from alges_dist.distributed.selection_task import column_bytes, device_memory, shards_needed
+        from alges_dist.distributed.selection_task import (
+            column_bytes,
+            device_memory,
+            shards_needed,
+        )
 
         shards = self.cfg.selection.shards
         if shards != "auto" or column is None:
@@ -278,102 +282,13 @@ class Experiment(RunLayout):
 
     def label(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         if self.cfg.loop.oracle != "simulated":
-            self.hand_off(self.batch(strategy, seed, r))  # raises WaitingForLabels
+            people.hand_off(self, people.round_batch(self, strategy, seed, r))  # raises WaitingForLabels
         # simulated oracle: the pool's own masks (checked to exist before the run started)
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
         n_labeled, _ = on_worker(label_frames, str(self.manifest_file(strategy, seed).resolve()), picks, r + 1,
                                  frames_dir=str(self.round_dir(strategy, seed, r).resolve()),
                                  max_pixels=self.cfg.data.max_pixels)
         return {"n_labeled": n_labeled}
-
-    # ---- people: batches out, labels in ------------------------------------------
-    def batch(self, strategy: str, seed: int, r: int) -> Batch:
-        """Round ``r``'s query batch of ``strategy``/``seed``, as the hand-off sees it."""
-        return Batch(f"round {r} of {strategy}/seed {seed}", self.round_dir(strategy, seed, r),
-                     self.selection_path(strategy, seed, r), self.model_path(strategy, seed, r),
-                     batch_key(self, f"{strategy}/seed_{seed}/round_{r:02d}"), f" --strategy {strategy} --seed {seed}",
-                     strategy, seed, r)
-
-    def batch_manifest(self, batch: Batch):
-        """The manifest a batch's frames are read from: the run's, or the pool's for the first batch."""
-        if batch.strategy is None:
-            return read_manifest(self.pool)
-        return self.manifest(batch.strategy, batch.seed)
-
-    def hand_off(self, batch: Batch) -> None:
-        """Give ``batch`` to people (to_annotate.csv + contact sheet; Label Studio tasks with
-        ``loop.oracle: labelstudio``) and stop the run until ``alges label`` brings the labels."""
-        picks = batch.picks()
-        frame_ids, splits = picks["frame_id"].to_pylist(), picks["split"].to_pylist()
-        manifest = self.batch_manifest(batch)
-        sheet = write_batch(batch.folder, frame_ids, manifest, splits)
-        n_test = splits.count("test")
-        what = f"{len(frame_ids) - n_test} frames" + (f" and {n_test} test frames" if n_test else "")
-        label = f"alges label --out {self.out}" + (batch.label_args if self.pending_count() > 1 else "")
-        if self.cfg.loop.oracle == "labelstudio":
-            from alges_dist.annotation.labelstudio_api import client_from_env
-
-            settings = self.cfg.labelstudio
-            pushed = push_to_labelstudio(self.cfg, self, batch, manifest,
-                                         client_from_env(settings.url, settings.token_env))
-            raise WaitingForLabels(
-                f"{batch.name}: {what} await annotation in Label Studio project {pushed['project']!r} at "
-                f"{pushed['url']}. When all are annotated: {label} --from labelstudio, and rerun this command")
-        raise WaitingForLabels(
-            f"{batch.name}: {what} await annotation, listed in {sheet.with_suffix('.csv')} (contact sheet {sheet}). "
-            f"Save one mask per frame as FRAME_ID.png in a folder, then: {label} --masks FOLDER (or export them "
-            f"for a tool: alges export --out {self.out} --format labelstudio|cvat|coco, then {label} --from "
-            "EXPORT), and rerun this command")
-
-    def pending_batches(self) -> list[Batch]:
-        """Batches handed to people whose labels are not in yet (the first batch, or rounds' batches)."""
-        if self.first_batch.pending():
-            return [self.first_batch.batch()]
-        if not self.initial_manifest_path.exists():
-            return []
-        return [self.batch(strategy, seed, r) for seed in self.cfg.loop.seeds for strategy in self.cfg.loop.strategies
-                if self.manifest_path(strategy, seed).exists()
-                for r in range(self.cfg.loop.n_rounds)
-                if self.stage_done("select", strategy, seed, r) and not self.stage_done("label", strategy, seed, r)]
-
-    def pending_count(self) -> int:
-        return len(self.pending_batches())
-
-    def pending_batch(self, strategy: str | None = None, seed: int | None = None) -> Batch:
-        """The one pending batch (narrowed by ``strategy``/``seed``); ValueError listing them otherwise."""
-        pending = self.pending_batches()
-        chosen = [b for b in pending if (strategy is None or b.strategy == strategy) and (seed is None or b.seed == seed)]
-        if len(chosen) == 1:
-            return chosen[0]
-        listed = "; ".join(f"{b.name} (alges label --out {self.out}{b.label_args} ...)" for b in pending)
-        if not chosen:
-            which = " ".join(x for x in (strategy and f"--strategy {strategy}", seed is not None and f"--seed {seed}")
-                             if x)
-            raise ValueError(f"{self.out} has no batch waiting for labels{' for ' + which if which else ''}"
-                             + (f"; waiting: {listed}" if pending else ""))
-        raise ValueError(f"{len(chosen)} batches of {self.out} wait for labels; name one with --strategy and --seed: "
-                         f"{listed}")
-
-    def import_labels(self, batch: Batch, masks: Path) -> dict[str, str]:
-        """Label ``batch``'s picks with people's masks (``masks/FRAME_ID.png``); returns frame_id -> mask.
-
-        All or nothing (``handoff.collect_masks``): the masks are validated and copied into
-        the batch's folder before the manifest changes. The first batch's test frames get
-        their masks (evaluated, never trained on); its pool frames are round 0's labels.
-        """
-        picks = batch.picks()
-        frame_ids = picks["frame_id"].to_pylist()
-        table = self.batch_manifest(batch)
-        files = batch_images(batch.folder, frame_ids, table)  # video picks as PNG files
-        copies = collect_masks(frame_ids, table._replace(table=set_uris(table.table, "image_uri", files)), masks,
-                               batch.folder / "labels")
-        if batch.strategy is None:
-            train = [f for f, s in zip(frame_ids, picks["split"].to_pylist()) if s == "pool"]
-            self.first_batch.label(train, mask_uris=copies, image_uris=files)
-        else:
-            label_frames(str(self.manifest_file(batch.strategy, batch.seed)), frame_ids, batch.round + 1,
-                         mask_uris=copies, image_uris=files)
-        return copies
 
     # ---- driving -----------------------------------------------------------------
     def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None) -> bool:
@@ -437,141 +352,3 @@ class Experiment(RunLayout):
         loop = self.cfg.loop
         super().write_outputs(loop.strategies, loop.seeds, loop.n_rounds)
 
-
-class WaitingForLabels(RuntimeError):
-    """The human oracle has frames to annotate; the run resumes once they are imported."""
-
-
-class FirstBatch:
-    """The stages before round 0: the first batch and the test frames, picked without a model.
-
-    Like a round's: ``score`` (``kcenter`` only: the label-free embedding, by the Ray Data
-    scoring job), ``select`` (a worker writes ``RUN/initial/selection.parquet``: pool picks
-    when the pool has no labeled frame, test picks when people annotate and test frames lack
-    masks; see ``cold_start``), ``label`` (the simulated oracle reveals the pool's masks;
-    people get the hand-off and the run stops until ``alges label``). The initial manifest,
-    written last, marks them all done; ``RUN/initial/record.json`` says where each ran.
-    """
-
-    name = "the first batch"
-
-    def __init__(self, exp: Experiment):
-        self.exp = exp
-
-    @property
-    def folder(self) -> Path:
-        return self.exp.initial_manifest_path.parent
-
-    @property
-    def selection_path(self) -> Path:
-        return self.folder / "selection.parquet"
-
-    @property
-    def record_path(self) -> Path:
-        return self.folder / "record.json"
-
-    @property
-    def rule(self) -> str:
-        return self.exp.cfg.loop.first_batch_strategy
-
-    @property
-    def people(self) -> bool:
-        return self.exp.cfg.loop.oracle != "simulated"
-
-    def batch(self) -> Batch:
-        return Batch(self.name, self.folder, self.selection_path, None, batch_key(self.exp, "first_batch"), "")
-
-    def pending(self) -> bool:
-        """Handed to people and not labeled yet."""
-        return (self.people and self.selection_path.exists() and not self.exp.initial_manifest_path.exists()
-                and pq.read_metadata(self.selection_path).num_rows > 0)
-
-    def done(self, stage: str) -> bool:
-        if self.exp.initial_manifest_path.exists():
-            return True
-        if stage == "score":  # only k-center needs an embedding, and only when it picks pool frames
-            needs = self.rule == "kcenter" and (self.exp.summary or {}).get("n_labeled", 0) == 0
-            return not needs or (self.folder / "scores.json").exists()
-        if stage == "select":
-            return self.selection_path.exists()
-        return False
-
-    def advance(self) -> Path:
-        """Run the pending stages; returns the initial manifest (WaitingForLabels while people label)."""
-        exp, seed = self.exp, self.exp.cfg.loop.initial_seed
-        if not exp.initial_manifest_path.exists():
-            if exp.summary is None:
-                exp.check()
-            for stage in FIRST_BATCH_STAGES:
-                if not self.done(stage):
-                    exp._notify("start", stage, "first batch", seed, -1, {})
-                    info = getattr(self, stage)()
-                    exp._notify("done", stage, "first batch", seed, -1, info)
-        if not self.record_path.exists():
-            self.write_record()
-        return exp.initial_manifest_path
-
-    def score(self) -> dict[str, Any]:
-        from alges_dist.distributed.scoring_job import score_pool
-        from alges_dist.distributed.training import initial_weights
-
-        exp, cfg = self.exp, self.exp.cfg
-        model = self.folder / "embedding_model.pt"  # the model at its initial (ImageNet, where set) weights
-        on_worker(initial_weights, exp.cfg_dict, str(model.resolve()), cfg.train.seed + cfg.loop.initial_seed)
-        result = score_pool(cfg, exp.pool, model, self.folder, use_gpu=exp.use_gpu)
-        return {"n_scored": result.n_scored, "n_errors": result.n_errors, "workers": result.workers,
-                "seconds": result.seconds}
-
-    def select(self) -> dict[str, Any]:
-        from alges_dist.cold_start import plan_first_batch
-
-        exp, started = self.exp, time.perf_counter()
-        scores = self.folder / "scores"
-        gpu = exp.use_gpu and self.rule == "kcenter" and exp.cfg.selection.device != "cpu"
-        info, where = on_worker(plan_first_batch, exp.cfg_dict, str(exp.pool.resolve()),
-                                str(self.selection_path.resolve()), rule=self.rule,
-                                seed=_round_seed(exp.cfg.loop.initial_seed, -1),
-                                scores_dir=str(scores.resolve()) if scores.is_dir() else None, people=self.people,
-                                gpu=gpu, fresh=gpu)
-        info = {**info, "where": where.as_dict(), "seconds": round(time.perf_counter() - started, 3)}
-        atomic_write_text(self.folder / "selection.json", json.dumps(info, indent=1))
-        return info
-
-    def label(self, train: list[str] | None = None, **people_labels: Any) -> dict[str, Any]:
-        """The initial manifest: ``train`` labeled in round 0 with people's masks (``mask_uris``,
-        ``image_uris``), or, as a stage, the simulated oracle's (the pool's masks) when no person
-        is needed; otherwise the hand-off (WaitingForLabels)."""
-        from alges_dist.cold_start import write_initial_manifest
-
-        exp, started = self.exp, time.perf_counter()
-        args = (str(exp.pool.resolve()), str(exp.initial_manifest_path.resolve()))
-        if train is not None:  # `alges label`: in-process, like every import of people's labels (no Ray)
-            n, where = write_initial_manifest(*args, train, max_pixels=exp.cfg.data.max_pixels, **people_labels), None
-        else:
-            picks = self.batch().picks()
-            if self.people and picks.num_rows:
-                exp.hand_off(self.batch())
-            train = picks.filter(pc.equal(picks["split"], "pool"))["frame_id"].to_pylist()
-            n, where = on_worker(write_initial_manifest, *args, train, max_pixels=exp.cfg.data.max_pixels)
-        where = where.as_dict() if where is not None else {"node": "alges label (in-process)"}
-        atomic_write_text(self.folder / "label.json", json.dumps(
-            {"n_labeled": n, "where": where, "seconds": round(time.perf_counter() - started, 3)}))
-        return {"n_labeled": n}
-
-    def write_record(self) -> None:
-        """RUN/initial/record.json: how the first batch was picked and where each stage ran."""
-        stages = {}
-        for stage, path in (("score", self.folder / "scores.json"), ("select", self.folder / "selection.json"),
-                            ("label", self.folder / "label.json")):
-            if path.exists():
-                d = json.loads(path.read_text())
-                stages[stage] = {"where": d.get("where") or d.get("workers"), "seconds": d.get("seconds")}
-        selection = json.loads((self.folder / "selection.json").read_text()) if "select" in stages else {}
-        record = {"strategy": selection.get("rule"), "n_picks": selection.get("n_picks"),
-                  "n_test": selection.get("n_test"), "oracle": self.exp.cfg.loop.oracle,
-                  "n_labeled": count_labeled(self.exp.initial_manifest_path), "stages": stages,
-                  "config": self.exp.cfg_dict, "versions": package_versions()}
-        correction = correction_summary(self.folder)
-        if correction is not None:
-            record["correction"] = correction
-        atomic_write_text(self.record_path, json.dumps(record, indent=1))
