@@ -127,7 +127,8 @@ class SelectionConfig(_Section):
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     shards: int | Literal["auto"] = Field(
         "auto", description='"auto": one device when the column fits its memory with headroom, else enough '
-        "actors (one GPU each) to hold a slice each; N: that many actors.")
+        "actors (one GPU each) to hold a slice each; N: that many actors. k-center and k-means++ only: ranking "
+        "rules and random run on one device.")
     min_gap_s: float = Field(
         0.0, ge=0, description="No two picks of one batch from one video closer in time than this (labeled "
         "frames count too); applies to video rows (#t= URIs) under every strategy. 0 = off.")

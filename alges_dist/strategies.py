@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+DISTANCE_RULES = frozenset({"kcenter", "kmeans++"})  # the rules that read (N, d) rows: the only ones sharded
+
+
 class Strategy(NamedTuple):
     """How a strategy name turns scores into picks."""
 

@@ -147,6 +147,19 @@ def test_shard_count_follows_the_column_bytes_and_device_memory(tmp_path):
     assert shards_needed(40_000, 10_000) == 6
 
 
+@pytest.mark.parametrize("strategy", ["entropy", "margin", "least-confidence", "random"])
+def test_ranking_rules_ignore_selection_shards_and_pick_on_one_device(tmp_path, strategy):
+    # issue 23.1: `--set selection.shards=2` with a ranking rule failed with "error: device"
+    manifest, scores, _, _ = _run(tmp_path)
+    for part in scores.glob("*.parquet"):  # the fixture writes entropy only: give every ranking rule a column
+        t = pq.read_table(part)
+        pq.write_table(t.append_column("margin", t["entropy"]).append_column("least_confidence", t["entropy"]), part)
+    one = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=5)
+    two = pick_batch(_cfg("selection.shards=2"), strategy, str(manifest), str(scores), seed=5, n_shards=2)
+    assert one["frame_id"] == two["frame_id"] and len(two["frame_id"]) == 15
+    assert two["n_shards"] == 1
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["alges-img-kcenter", "alges-img"])

@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from alges_dist.config import Config
-from alges_dist.strategies import get_strategy, score_column
+from alges_dist.strategies import DISTANCE_RULES, get_strategy, score_column
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,11 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
     spec, opts = get_strategy(strategy), cfg.selection
+    if n_shards > 1 and spec.rule not in DISTANCE_RULES:
+        # a ranking or random rule reads one scalar per frame: one device holds any pool
+        log.info("%s: selection.shards=%s applies to k-center and k-means++ only; ranking on one device",
+                 strategy, opts.shards)
+        n_shards = 1
     column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
     table = pq.read_table(manifest, columns=["frame_id", "split", "labeled_round"],
                           filters=[("split", "=", "pool")])
@@ -207,7 +212,7 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     del table, pool_ids, labeled_ids
     pa.default_memory_pool().release_unused()  # the manifest's pages, before the column is loaded
     options: dict[str, Any] = {"gap": gap}
-    if spec.rule in ("kcenter", "kmeans++"):
+    if spec.rule in DISTANCE_RULES:
         from alges_dist.distributed.tasks import worker_device
 
         # one device: this task's (a GPU resource without CUDA: the CPU); sharded: each actor's own
