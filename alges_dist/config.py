@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alges_dist.errors import InputError
 from alges_dist.strategies import STRATEGIES
 
 # The strategy table (alges_dist.strategies) is the one list of valid names.
@@ -32,7 +33,7 @@ RESUMABLE_KEYS = frozenset({
 })
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override is wrong; the message names the dotted key."""
 
 
@@ -63,14 +64,14 @@ class DataConfig(_Section):
     @classmethod
     def _positive_size(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 16:
-            raise ValueError(f"image_size must be at least 16 px per side, got {v}")
+            raise InputError(f"image_size must be at least 16 px per side, got {v}")
         return v
 
     @model_validator(mode="after")
     def _dice_classes_in_range(self) -> DataConfig:
         bad = [c for c in self.dice_classes or [] if not 0 <= c < self.n_classes]
         if bad:
-            raise ValueError(
+            raise InputError(
                 f"dice_classes {bad} outside the class ids 0..{self.n_classes - 1} (n_classes={self.n_classes})"
             )
         return self
@@ -140,7 +141,7 @@ class SelectionConfig(_Section):
     @classmethod
     def _positive_count(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"must be >= 1 or 'auto', got {v}")
+            raise InputError(f"must be >= 1 or 'auto', got {v}")
         return v
 
 
@@ -167,23 +168,23 @@ class LoopConfig(_Section):
     def _known_strategies(cls, v: list[str]) -> list[str]:
         unknown = [s for s in v if s not in STRATEGY_NAMES]
         if unknown:
-            raise ValueError(f"unknown strategies {unknown}; valid: {list(STRATEGY_NAMES)}")
+            raise InputError(f"unknown strategies {unknown}; valid: {list(STRATEGY_NAMES)}")
         if not v:
-            raise ValueError("at least one strategy is needed")
+            raise InputError("at least one strategy is needed")
         return _no_repeats(v)
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if not v:
-            raise ValueError("at least one seed is needed")
+            raise InputError("at least one seed is needed")
         return _no_repeats(v)
 
 
 def _no_repeats(values: list[Any]) -> list[Any]:
     repeated = sorted({str(x) for x in values if values.count(x) > 1})
     if repeated:
-        raise ValueError(f"{repeated} appear more than once; list each once")
+        raise InputError(f"{repeated} appear more than once; list each once")
     return values
 
 
@@ -211,7 +212,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _labelstudio_has_a_root(self) -> Config:
         if self.loop.oracle == "labelstudio" and not self.labelstudio.document_root:
-            raise ValueError("loop.oracle=labelstudio needs labelstudio.document_root (the Label Studio server's "
+            raise InputError("loop.oracle=labelstudio needs labelstudio.document_root (the Label Studio server's "
                              "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, where batches are exported)")
         return self
 

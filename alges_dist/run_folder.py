@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.manifest import MASK_ENCODING_KEY, MaskEncoding
+from alges_dist.errors import AlgesError, InputError
 
 RESULT_COLUMNS = ["strategy", "seed", "round", "n_labeled", "dice", "miou", "mdice"]
 QUERY_COLUMNS = ["strategy", "seed", "round", "pick_rank", "frame_id", "value"]
@@ -181,7 +182,7 @@ class RunLayout:
             return None
         metadata = pq.read_schema(self.initial_manifest_path).metadata or {}
         if MASK_ENCODING_KEY not in metadata:
-            raise ValueError(f"{self.initial_manifest_path} has no mask encoding in its metadata")
+            raise InputError(f"{self.initial_manifest_path} has no mask encoding in its metadata")
         return MaskEncoding.from_json(metadata[MASK_ENCODING_KEY]).class_names
 
 
@@ -194,7 +195,7 @@ def _per_class_rows(record: dict[str, Any], names: list[str] | None, source: Pat
         return []
     dataset = record["dataset_dice_per_class"]
     if names is not None and len(names) != len(dice):
-        raise ValueError(f"{source}: {len(dice)} per-class Dice values but the pool encodes {len(names)} classes")
+        raise InputError(f"{source}: {len(dice)} per-class Dice values but the pool encodes {len(names)} classes")
     base = {k: record[k] for k in columns if k not in _CLASS_FIELDS}  # which run, round and seed
     return [{**base, "class_id": k, "class_name": names[k] if names else f"class_{k}", "dice": d,
              "dataset_dice": "" if dataset[k] is None else dataset[k]} for k, d in enumerate(dice)]
@@ -267,7 +268,7 @@ def peak_rss_mb() -> float:
 
 
 # ---- one writer at a time -------------------------------------------------------------------
-class RunFolderBusy(RuntimeError):
+class RunFolderBusy(AlgesError, RuntimeError):
     """Another process holds the run folder's lock."""
 
 
@@ -337,7 +338,7 @@ def remove_crash_litter(out: Path) -> list[Path]:
 
 
 # ---- the settings a run folder was made with ---------------------------------------------------
-class SettingsChanged(ValueError):
+class SettingsChanged(InputError):
     """A resumed run folder was made with other settings or another pool."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from alges_dist.errors import InputError
 from alges_dist.selection_engine import (
     DevicePool,
     PoolShard,
@@ -91,7 +92,7 @@ def device_pool(x, *, device="auto", backend: str = "auto", storage_dtype=torch.
     """The rows x (N, d) in storage form on one device, ready for selections (``Pool.start``)."""
     rows = as_rows(x)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     raise_nonfinite(*nonfinite_rows(rows))
     storage_dtype, device = resolve_storage_dtype(storage_dtype), resolve_device(device, rows)
     backend = resolve_backend(backend, device)
@@ -111,7 +112,7 @@ def _start(x, labeled_mask, budget, options: dict[str, Any]) -> tuple[Pool, np.n
     if isinstance(x, (np.ndarray, torch.Tensor)):
         pool: Pool = device_pool(x, **options)
     elif options:
-        raise ValueError(f"options {sorted(options)} are set when the pool is built, not per selection")
+        raise InputError(f"options {sorted(options)} are set when the pool is built, not per selection")
     else:
         pool = x
     mask = check_labeled_mask(labeled_mask, pool.n)
@@ -196,7 +197,7 @@ def _first_eligible(order: np.ndarray, allowed: np.ndarray, chosen: np.ndarray, 
                 allowed &= ~gap.near(np.array([i]))
         out = np.asarray(out, np.int64)
     if out.shape[0] < count:
-        raise ValueError(f"only {len(chosen) + out.shape[0]} frames can be picked with selection.min_gap_s="
+        raise InputError(f"only {len(chosen) + out.shape[0]} frames can be picked with selection.min_gap_s="
                          f"{gap.gap_s if gap else 0} ({count - out.shape[0]} short of the budget); lower "
                          "min_gap_s or the budget")
     return out
@@ -215,7 +216,7 @@ def resolve_local_trials(local_trials: int | str | None, budget: int) -> int:
     if local_trials == "auto":
         return 2 + int(math.log(budget))
     if isinstance(local_trials, bool) or not isinstance(local_trials, (int, np.integer)) or local_trials < 1:
-        raise ValueError(f"local_trials must be None, 'auto' or an integer >= 1, got {local_trials!r}")
+        raise InputError(f"local_trials must be None, 'auto' or an integer >= 1, got {local_trials!r}")
     return int(local_trials)
 
 
@@ -285,7 +286,7 @@ def kmeanspp(x, labeled_mask, budget, *, seed: int = 0, local_trials: int | str 
     picks, pick_d2, n_fill, exhausted = pool.host(picks, pick_d2)
     if exhausted:
         gap = getattr(pool, "gap", None)
-        raise ValueError(f"k-means++ ran out of candidates after the labeled rows and selection.min_gap_s="
+        raise InputError(f"k-means++ ran out of candidates after the labeled rows and selection.min_gap_s="
                          f"{gap.gap_s if gap else 0}; lower min_gap_s or the budget")
     t2 = time.perf_counter()
     log.info("k-means++ (%d trials): %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
@@ -312,11 +313,11 @@ def _checked_scores(score, labeled_mask, budget) -> tuple[np.ndarray, np.ndarray
     if s.ndim == 2 and s.shape[1] == 1:
         s = s[:, 0]
     if s.ndim != 1 or not np.issubdtype(s.dtype, np.number):
-        raise ValueError(f"score must be a numeric (N,) array, got shape {s.shape} and dtype {s.dtype}")
+        raise InputError(f"score must be a numeric (N,) array, got shape {s.shape} and dtype {s.dtype}")
     mask = check_labeled_mask(labeled_mask, s.shape[0])
     bad = np.flatnonzero(~np.isfinite(s))
     if bad.size:
-        raise ValueError(f"score has NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
+        raise InputError(f"score has NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
     return s, mask, check_budget(budget, int((~mask).sum()))
 
 
@@ -364,12 +365,12 @@ def select(rule: str, values, labeled_mask, budget, *, seed: int = 0, **options)
     options go to the rule (device, backend, storage_dtype, chunk_size, local_trials, largest, gap).
     """
     if rule not in PICK_RULES:
-        raise ValueError(f"unknown pick rule {rule!r}; valid: {list(PICK_RULES)}")
+        raise InputError(f"unknown pick rule {rule!r}; valid: {list(PICK_RULES)}")
     if values is None and rule != "random":
-        raise ValueError(f"pick rule {rule!r} needs values (embeddings or scores)")
+        raise InputError(f"pick rule {rule!r} needs values (embeddings or scores)")
     try:
         return PICK_RULES[rule](values, labeled_mask, budget, seed=seed, **options)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
-            raise ValueError(f"pick rule {rule!r} does not take option(s) {sorted(options)}: {e}") from e
+            raise InputError(f"pick rule {rule!r} does not take option(s) {sorted(options)}: {e}") from e
         raise

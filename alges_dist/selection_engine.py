@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from alges_dist.errors import InputError
 from alges_dist.selection_knn import BACKENDS, faiss_has_gpu, nearest_distances, resolve_backend  # noqa: F401
 
 STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -35,9 +36,9 @@ def as_rows(x: Any) -> torch.Tensor:
             warnings.filterwarnings("ignore", message=".*not writable.*")
             x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a numpy array or torch tensor of shape (N, d), got {type(x).__name__}")
+        raise InputError(f"x must be a numpy array or torch tensor of shape (N, d), got {type(x).__name__}")
     if x.ndim != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (N, d) array, got shape {tuple(x.shape)} and dtype {x.dtype}")
+        raise InputError(f"x must be a floating (N, d) array, got shape {tuple(x.shape)} and dtype {x.dtype}")
     return x
 
 
@@ -45,7 +46,7 @@ def check_labeled_mask(labeled_mask: Any, n: int | None = None) -> np.ndarray:
     """labeled_mask as a numpy bool (N,) array; n: the pool size it must match (None: any)."""
     mask = labeled_mask.cpu().numpy() if isinstance(labeled_mask, torch.Tensor) else np.asarray(labeled_mask)
     if mask.dtype != np.bool_ or mask.ndim != 1 or (n is not None and mask.shape[0] != n):
-        raise ValueError(f"labeled_mask must be a boolean array of shape ({n if n is not None else 'N'},), "
+        raise InputError(f"labeled_mask must be a boolean array of shape ({n if n is not None else 'N'},), "
                          f"got dtype {mask.dtype} and shape {mask.shape}")
     return mask
 
@@ -53,7 +54,7 @@ def check_labeled_mask(labeled_mask: Any, n: int | None = None) -> np.ndarray:
 def check_budget(budget: Any, n_unlabeled: int) -> int:
     """The number of picks to make: budget, or all unlabeled rows (with a warning) when fewer."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
-        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+        raise InputError(f"budget must be a positive integer, got {budget!r}")
     if budget >= n_unlabeled:
         warnings.warn(f"budget {budget} >= the {n_unlabeled} unlabeled rows: selecting all of them", stacklevel=3)
         return n_unlabeled
@@ -74,14 +75,14 @@ def nonfinite_rows(rows: torch.Tensor, offset: int = 0) -> tuple[int, list[int]]
 
 def raise_nonfinite(count: int, first: list[int]) -> None:
     if count:
-        raise ValueError(f"x has NaN or inf in {count} rows (first: {first}); "
+        raise InputError(f"x has NaN or inf in {count} rows (first: {first}); "
                          "drop or re-embed those frames before selection")
 
 
 def resolve_storage_dtype(storage_dtype: Any) -> torch.dtype:
     dtype = STORAGE_DTYPES.get(storage_dtype, storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
     if dtype not in STORAGE_DTYPES.values():
-        raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}")
+        raise InputError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}")
     return dtype
 
 
@@ -150,7 +151,7 @@ class PoolShard:
         self.largest_input_norm = (float(input_sq[i]) if n else -math.inf, offset + i)
         self.xn = xn.to(self.compute_dtype)
         if not bool(torch.isfinite(self.xn).all()):
-            raise ValueError("squared row norms overflow; rescale x (e.g. divide by its largest absolute value)")
+            raise InputError("squared row norms overflow; rescale x (e.g. divide by its largest absolute value)")
         self.max_sq_norm = float(self.xn.max()) if n else 0.0
         self.zero_d2 = zero_threshold(self.tol, self.max_sq_norm, storage_dtype)  # sharded: pool-wide value
         self.set_labeled(np.zeros(n, bool))

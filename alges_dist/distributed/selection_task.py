@@ -25,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from alges_dist.config import Config
+from alges_dist.errors import InputError
 from alges_dist.strategies import DISTANCE_RULES, get_strategy, score_column
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class ScoreRows:
                 filled += len(pos)
             pa.default_memory_pool().release_unused()  # Arrow keeps freed batches for reuse otherwise
         if out is None or filled != len(self.ids):
-            raise ValueError(f"{self.scores_dir}: column {self.column!r} covers {filled} of the {len(self.ids)} "
+            raise InputError(f"{self.scores_dir}: column {self.column!r} covers {filled} of the {len(self.ids)} "
                              "frames to select from; rescore the round")
         return out
 

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from alges_dist import selection_engine as engine
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class ShardedPool:
                  storage_dtype=torch.float32, chunk_size: int = 2048, num_gpus_per_shard: float | None = None,
                  gap: engine.TimeGap | None = None):
         if not shards:
-            raise ValueError("shards must hold at least one block of rows")
+            raise InputError("shards must hold at least one block of rows")
         if num_gpus_per_shard is None:
             num_gpus_per_shard = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         storage_dtype = engine.resolve_storage_dtype(storage_dtype)
@@ -150,7 +151,7 @@ class ShardedPool:
                 self.ends.append(offset)
             if gap is not None:
                 if gap.group.shape[0] != offset:
-                    raise ValueError(f"gap covers {gap.group.shape[0]} rows, the shards {offset}")
+                    raise InputError(f"gap covers {gap.group.shape[0]} rows, the shards {offset}")
                 ray.get([a.set_gap.remote(engine.TimeGap(gap.group[s:e], gap.seconds[s:e], gap.gap_s))
                          for a, s, e in zip(self.actors, [0] + self.ends[:-1], self.ends)])
             self._build(device, backend, storage_dtype)
