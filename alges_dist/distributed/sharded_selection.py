@@ -262,7 +262,9 @@ class ShardedPool:
         then the row inside it by the shard's own inverse-CDF."""
         cum = np.cumsum(np.asarray(weights, np.float64))
         targets = np.minimum(u * cum[-1], np.nextafter(cum[-1], 0))
-        owners = np.searchsorted(cum, targets, side="right")
+        # clamped: with no candidate left (the time gap took them) every weight is 0 and the search
+        # lands past the last shard; as on one device the loop goes on and the caller raises after it
+        owners = np.minimum(np.searchsorted(cum, targets, side="right"), len(self.actors) - 1)
         out: list[tuple[int, float] | None] = [None] * len(targets)
         for k in np.unique(owners):
             which = np.flatnonzero(owners == k)
