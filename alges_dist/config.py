@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alges_dist.errors import InputError
-from alges_dist.strategies import STRATEGIES
+from alges_dist.strategies import DISTANCE_RULES, STRATEGIES
 
 # The strategy table (alges_dist.strategies) is the one list of valid names.
 STRATEGY_NAMES = tuple(STRATEGIES)
@@ -234,6 +234,10 @@ class Config(_Section):
                               f"plus one CPU for decoding needs {s.num_actors * s.cpus_per_actor + 1:g} CPUs; the Ray "
                               f"cluster has {cpus:g}")
 
+        if isinstance(self.selection.shards, int) and self.selection.shards > 1 and any(
+                STRATEGIES[name].rule in DISTANCE_RULES for name in self.loop.strategies):
+            check_selection_shards(self.selection.shards, resources, setting=f"selection.shards={self.selection.shards}")
+
     def check_pool(self, n_pool: int, n_classes: int, source: str) -> None:
         """Check the values that depend on the pool, before any work starts."""
         if n_classes != self.data.n_classes:
@@ -247,6 +251,21 @@ class Config(_Section):
                 f"loop.initial_labeled={self.loop.initial_labeled} = {needed} frames, "
                 f"larger than the {n_pool} pool frames of {source}"
             )
+
+
+def check_selection_shards(n_shards: int, resources: dict[str, float], *, setting: str) -> None:
+    """Refuse a sharded selection the cluster cannot place (its actors would wait forever).
+
+    Each shard is one actor with one CPU, and one GPU when the cluster has GPUs
+    (``distributed/sharded_selection.ShardedPool``). setting: how the count came about, for the message.
+    """
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if gpus > 0 and n_shards > gpus:
+        raise ConfigError(f"{setting}: {n_shards} selection shards need {n_shards} GPUs (one actor each); the Ray "
+                          f"cluster has {gpus:g}. Set selection.shards to at most {int(gpus)}")
+    if n_shards > cpus:
+        raise ConfigError(f"{setting}: {n_shards} selection shards need {n_shards} CPUs (one actor each); the Ray "
+                          f"cluster has {cpus:g}. Set selection.shards to at most {int(cpus)}")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -169,3 +169,20 @@ def test_sharded_over_actors_picks_what_one_device_picks(ray_local, tmp_path, st
     two = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=5, n_shards=2)
     assert one["frame_id"] == two["frame_id"]
     np.testing.assert_allclose(one["value"], two["value"], rtol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", ["auto", 5])
+def test_a_shard_count_the_cluster_cannot_place_is_refused_before_any_actor(ray_local, tmp_path, monkeypatch, shards):
+    # issue 23.4: 5 actors of one CPU each on the tests' 4-CPU instance used to wait forever
+    from alges_dist.distributed import sharded_selection
+
+    manifest, scores, _, _ = _run(tmp_path)
+    monkeypatch.setattr(sharded_selection, "ShardedPool", None)  # never reached
+    resolved = "selection.shards=auto resolved to 5 for the 'alges_img' column" if shards == "auto" else \
+        "selection.shards=5"
+    with pytest.raises(ValueError, match=rf"{resolved}: 5 selection shards need 5 CPUs .* has 4"):
+        pick_batch(_cfg(f"selection.shards={shards}"), "alges-img-kcenter", str(manifest), str(scores), seed=0,
+                   n_shards=5)
+

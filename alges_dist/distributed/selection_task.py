@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from alges_dist.config import Config
+from alges_dist.config import Config, check_selection_shards
 from alges_dist.errors import InputError
 from alges_dist.strategies import DISTANCE_RULES, get_strategy, score_column
 
@@ -225,7 +225,14 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
         options["largest"] = spec.largest
     pool = values = None
     if column is not None and n_shards > 1:
+        import ray
+
         from alges_dist.distributed.sharded_selection import ShardedPool
+
+        # before any actor: one the cluster cannot place would be waited for forever
+        how = (f"selection.shards=auto resolved to {n_shards} for the {column!r} column" if opts.shards == "auto"
+               else f"selection.shards={n_shards}")
+        check_selection_shards(n_shards, ray.cluster_resources(), setting=how)
 
         cuts = np.linspace(0, len(ids), n_shards + 1).astype(int)
         pool = ShardedPool([ScoreRows(scores_dir, column, ids.slice(a, b - a)) for a, b in zip(cuts, cuts[1:])],
