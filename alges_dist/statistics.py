@@ -56,10 +56,14 @@ class PairedDifference(NamedTuple):
 
 
 def aulc(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Trapezoid area under (xs, ys) over the span of xs (a mean metric); one point: that point."""
+    """Trapezoid area under (xs, ys) over the span of xs (a mean metric); one point: that point.
+
+    A round that added no frames (xs repeats) adds no area; a curve that never grew (no span:
+    every round short of picks) is the mean of its points, not a division by zero.
+    """
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    if len(xs) == 1:
-        return float(ys[0])
+    if len(xs) == 1 or xs[-1] == xs[0]:
+        return float(ys.mean())
     area = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
     return area / float(xs[-1] - xs[0])
 
@@ -163,7 +167,8 @@ def paired_difference(
 def frames_to_target(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
     """Labeled frames at which the curve first reaches ``target``; None when it never does.
 
-    xs: labeled frames per round, strictly increasing; ys: the metric there. Between two
+    xs: labeled frames per round, non-decreasing (a round short of picks adds fewer frames, or
+    none); ys: the metric there. Between two
     rounds the curve is the straight line through them, so the answer is the first
     crossing, interpolated; at or above target on the first round: xs[0]. Never
     extrapolated past xs[-1]: a curve that ends below target returns None ("not reached
@@ -172,8 +177,8 @@ def frames_to_target(xs: Sequence[float], ys: Sequence[float], target: float) ->
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     if xs.ndim != 1 or xs.shape != ys.shape or len(xs) == 0:
         raise InputError(f"xs {xs.shape} and ys {ys.shape} must be one non-empty curve of equal length")
-    if np.any(np.diff(xs) <= 0):
-        raise InputError(f"labeled frames must increase strictly along the curve, got {xs.tolist()}")
+    if np.any(np.diff(xs) < 0):
+        raise InputError(f"labeled frames must not decrease along the curve, got {xs.tolist()}")
     if not (np.all(np.isfinite(ys)) and np.isfinite(target)):
         raise InputError(f"curve {ys.tolist()} or target {target} is not finite")
     reached = np.flatnonzero(ys >= target)

@@ -186,3 +186,19 @@ def test_a_shard_count_the_cluster_cannot_place_is_refused_before_any_actor(ray_
         pick_batch(_cfg(f"selection.shards={shards}"), "alges-img-kcenter", str(manifest), str(scores), seed=0,
                    n_shards=5)
 
+
+@pytest.mark.parametrize("strategy", ["entropy", "alges-img-kcenter", "alges-img"])
+def test_a_batch_short_of_the_budget_fails_naming_the_undecodable_frames(tmp_path, strategy):
+    # issue 23.5: 7 picks for a budget of 8 were only a warning in the worker, and the run went on
+    manifest, scores, ids, _ = _run(tmp_path, n=30)  # 20 labeled, 10 not
+    broken = set(ids[25:28])
+    for part in scores.glob("*.parquet"):
+        t = pq.read_table(part)
+        error = [f"{f}: unreadable" if f in broken else e for f, e in zip(t["frame_id"].to_pylist(),
+                                                                         t["error"].to_pylist())]
+        pq.write_table(t.set_column(1, "error", pa.array(error, pa.string())), part)
+    with pytest.raises(ValueError, match=rf"{strategy}: 7 frames can be picked, fewer than loop.budget=8 \(10 pool "
+                                         r"frames are unlabeled; 3 of them failed to decode \(listed in .*errors.parquet"):
+        pick_batch(_cfg("loop.budget=8"), strategy, str(manifest), str(scores), seed=0)
+    assert len(pick_batch(_cfg("loop.budget=7"), strategy, str(manifest), str(scores), seed=0)["frame_id"]) == 7
+

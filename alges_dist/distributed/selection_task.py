@@ -141,6 +141,27 @@ def time_gap(manifest: str, ids: pa.Array, gap_s: float):
     return TimeGap(group, np.array(seconds.to_numpy(zero_copy_only=False), np.float64), float(gap_s))  # writable
 
 
+def check_batch_size(strategy: str, n_candidates: int, budget: int, *, n_unlabeled: int, n_unscored: int,
+                     n_near: int, min_gap_s: float, scores_dir: str | None) -> None:
+    """Every round labels ``loop.budget`` frames or fails naming why (README, "Reliability").
+
+    A short batch would label fewer frames than the learning curve's x axis says, and the
+    run would go on as if nothing happened. Frames that failed to decode (listed in the
+    round's errors.parquet) and, for rules that pick among unlabeled frames only, frames
+    within ``selection.min_gap_s`` of a labeled one are no candidates.
+    """
+    if n_candidates >= budget:
+        return
+    why = [f"{n_unlabeled} pool frames are unlabeled"]
+    if n_unscored:
+        why.append(f"{n_unscored} of them failed to decode (listed in {Path(scores_dir).parent / 'errors.parquet'})")
+    if n_near:
+        why.append(f"{n_near} are within selection.min_gap_s={min_gap_s:g} of a labeled frame")
+    raise InputError(f"{strategy}: {n_candidates} frames can be picked, fewer than loop.budget={budget} ("
+                     f"{'; '.join(why)}); lower loop.budget or loop.n_rounds"
+                     f"{', or selection.min_gap_s' if n_near else ''}, or add frames to the pool")
+
+
 def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str | None, *, seed: int,
                n_shards: int = 1, pool: str | None = None) -> dict[str, Any]:
     """The round's query batch: ``{"frame_id": [...], "value": [...], "seconds": ...}`` in pick order.
@@ -202,14 +223,20 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     labeled_ids = table.filter(pc.is_valid(table["labeled_round"]))["frame_id"].combine_chunks()
     ids = _sorted_candidates(scores_dir, column, pool_ids)
     labeled = pc.is_in(ids, value_set=labeled_ids).to_numpy(zero_copy_only=False)
+    n_unlabeled = len(pool_ids) - len(labeled_ids)
+    n_unscored = n_unlabeled - int((~labeled).sum())  # failed to decode: never candidates
+    n_near = 0
     gap = time_gap(pool, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
     if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
         keep = ~labeled
         if gap is not None and labeled.any():  # and, with a gap, away from the labeled frames
             keep &= ~gap.near(np.flatnonzero(labeled))
+            n_near = int((~labeled).sum() - keep.sum())
         ids, labeled = ids.filter(pa.array(keep)), labeled[keep]
         if gap is not None:
             gap = gap._replace(group=gap.group[keep], seconds=gap.seconds[keep])
+    check_batch_size(strategy, int((~labeled).sum()), cfg.loop.budget, n_unlabeled=n_unlabeled,
+                     n_unscored=n_unscored, n_near=n_near, min_gap_s=opts.min_gap_s, scores_dir=scores_dir)
     del table, pool_ids, labeled_ids
     pa.default_memory_pool().release_unused()  # the manifest's pages, before the column is loaded
     options: dict[str, Any] = {"gap": gap}
@@ -248,6 +275,8 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     finally:
         if pool is not None:
             pool.close()
+    if len(picked.indices) != cfg.loop.budget:  # check_batch_size let it through: a defect of ours
+        raise RuntimeError(f"{strategy}: {len(picked.indices)} picks for loop.budget={cfg.loop.budget}")
     picked_values = values[picked.indices] if spec.rule == "top-k" else picked.radii
     log.info("%s: picked %d of %d frames in %.1f s", strategy, len(picked.indices), len(ids), time.perf_counter() - t0)
     return {
