@@ -12,7 +12,7 @@ import pytest
 from alges_dist.config import load_config
 from alges_dist.data.manifest import MaskEncoding, make_manifest, mark_labeled, read_manifest, set_uris, write_manifest
 from alges_dist.distributed import selection_task
-from alges_dist.distributed.selection_task import ScoreRows, column_bytes, pick_batch, shards_needed
+from alges_dist.distributed.selection_task import ScoreRows, column_bytes, pick_batch, selection_bytes, shards_needed
 from alges_dist.run_folder import peak_rss_mb
 
 ENCODING = MaskEncoding(mode="threshold", threshold=127, class_names=["bg", "fg"])
@@ -142,6 +142,11 @@ def test_time_gap_takes_labeled_frames_times_from_the_pool_once_they_are_png_fil
 def test_shard_count_follows_the_column_bytes_and_device_memory(tmp_path):
     _, scores, ids, x = _run(tmp_path)
     assert column_bytes(scores, "alges_img", 2) == len(ids) * x.shape[1] * 2
+    # issue 23.6: half storage on the CPU also holds the float32 copy the task loads first
+    n, d = x.shape
+    assert selection_bytes(scores, "alges_img", "float32", "cpu") == n * d * 4
+    assert selection_bytes(scores, "alges_img", "bfloat16", "cpu") == n * d * 4 + n * 24 * 2  # d=12 -> 18 -> 24
+    assert selection_bytes(scores, "alges_img", "bfloat16", "cuda") == n * 24 * 2
     assert shards_needed(1000, 10_000) == 1
     assert shards_needed(10_000, 10_000) == 2  # needs 1.5x headroom
     assert shards_needed(40_000, 10_000) == 6

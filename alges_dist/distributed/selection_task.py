@@ -37,15 +37,39 @@ def _score_files(scores_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(scores_dir).glob("*.parquet"))
 
 
-def column_bytes(scores_dir: str | Path, column: str, storage_itemsize: int) -> int:
-    """Bytes the column takes in storage form, from the shards' footers (no data read)."""
+def column_shape(scores_dir: str | Path, column: str) -> tuple[int, int]:
+    """(rows, values per row) of the column, from the shards' footers (no data read)."""
     rows, dim = 0, 1
     for path in _score_files(scores_dir):
         meta = pq.ParquetFile(path)
         rows += meta.metadata.num_rows
         kind = meta.schema_arrow.field(column).type
         dim = kind.list_size if pa.types.is_fixed_size_list(kind) else 1
+    return rows, dim
+
+
+def column_bytes(scores_dir: str | Path, column: str, storage_itemsize: int) -> int:
+    """Bytes the column takes in storage form, from the shards' footers (no data read)."""
+    rows, dim = column_shape(scores_dir, column)
     return rows * dim * storage_itemsize
+
+
+def selection_bytes(scores_dir: str | Path, column: str, storage_dtype: str, device: str) -> int:
+    """Peak bytes a one-device selection of ``column`` takes on ``device`` ("cpu" or "cuda"),
+    from the shards' footers, for ``selection.shards: auto``.
+
+    The task first loads the column as float32 on the host (``ScoreRows``), then the engine
+    builds its storage form from it (``selection_engine.PoolShard``): float32 rows are used
+    as loaded, half rows are a second array of d + 6 norm terms padded to 8 columns. On the
+    CPU both live in host memory at once: 4 + 2 bytes per value for half storage, 3x the
+    storage alone; on CUDA the device holds only the storage form.
+    """
+    rows, dim = column_shape(scores_dir, column)
+    loaded = rows * dim * 4  # the float32 copy
+    if storage_dtype == "float32":  # used as loaded
+        return loaded
+    half = rows * (-(-(dim + 6) // 8) * 8) * 2  # PoolShard's norm-augmented rows, padded to 16 bytes
+    return half + (loaded if device == "cpu" else 0)
 
 
 def device_memory() -> dict[str, Any]:
