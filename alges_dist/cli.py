@@ -297,15 +297,17 @@ def _rounds(args: argparse.Namespace) -> int:
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
     runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
-    with RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
+    # the lock first: a second writer is refused at once, not after Ray and the pool check
+    with RunFolderLock(args.out, " ".join(args.argv)), \
+            RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
         import ray
 
         args.driver_node_id = ray.get_runtime_context().get_node_id()
         if threading.current_thread() is threading.main_thread():
             raise_on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own (it aborts)
         exp = Experiment(cfg, args.out, pool)
-        exp.check()  # the pool and the config against it and the cluster, before the folder is touched
-        with RunFolderLock(args.out, " ".join(args.argv)), contextlib.ExitStack() as stack:
+        exp.check()  # the pool and the config against it and the cluster, before anything is written
+        with contextlib.ExitStack() as stack:
             _log_to(args.out, args.argv)
             log.info("%s", session.description)
             exp.prepare(force_config=args.force_config)

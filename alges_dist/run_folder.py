@@ -24,6 +24,7 @@ imports the other and a copied run folder renders anywhere::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -277,7 +278,9 @@ class RunFolderLock:
 
     The kernel releases it when the process dies, however it dies, so a crash never leaves
     a stale lock. The holder writes its PID and command into the file; a second writer fails
-    at once naming them. Readers (``alges report``) take no lock. On taking the lock, crash
+    at once naming them. Commands take it before anything else (Ray, the pool check), so a
+    second writer is refused at once; a folder the lock created and nothing else wrote is
+    removed again on release. Readers (``alges report``) take no lock. On taking the lock, crash
     litter of earlier writers (temp siblings of atomic writes, unfinished score folders) is
     removed: nobody else can be writing it.
     """
@@ -288,6 +291,7 @@ class RunFolderLock:
     def __enter__(self) -> RunFolderLock:
         import fcntl
 
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -295,6 +299,7 @@ class RunFolderLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
+            self._created = False
             raise RunFolderBusy(
                 f"run folder {self.path.parent} is in use by pid {holder.get('pid', '?')} "
                 f"(`alges {holder.get('command', '?')}`, since {holder.get('since', '?')}); one command "
@@ -308,6 +313,13 @@ class RunFolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
+            folder = self.path.parent
+            if self._created and os.listdir(folder) == [self.path.name]:
+                # a command refused before it wrote anything (the pool check) leaves no folder behind;
+                # removed while the lock is held, so no other writer is inside
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                    folder.rmdir()
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
