@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.atomic import atomic_path, atomic_write_text, temp_owner
 from alges_dist.data.manifest import MASK_ENCODING_KEY, MaskEncoding
 from alges_dist.errors import AlgesError, InputError
 
@@ -335,12 +335,27 @@ def _read_holder(fd: int) -> dict[str, Any]:
 LITTER_PATTERNS = (".*.tmp", ".scores-*", ".*.partial")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def remove_crash_litter(out: Path) -> list[Path]:
-    """Remove what an interrupted writer left: ``.NAME.HEX.tmp`` files of atomic writes,
-    ``.scores-*`` folders of unfinished scoring jobs, ``.*.partial`` label imports."""
+    """Remove what an interrupted writer left: ``.NAME.PID-HEX.tmp`` files of atomic writes
+    whose process is gone, ``.scores-*`` folders of unfinished scoring jobs, ``.*.partial``
+    label imports. The temp of a process still running is not litter: ``alges report``
+    (no lock) writes beside a writer, and its ``os.replace`` must find its temp."""
     removed = []
     for pattern in LITTER_PATTERNS:
         for path in Path(out).rglob(pattern):
+            owner = temp_owner(path) if pattern == ".*.tmp" else None
+            if owner is not None and _alive(owner):
+                continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

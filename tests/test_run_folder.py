@@ -137,6 +137,23 @@ def test_taking_the_lock_removes_what_crashed_writers_left(tmp_path):
     assert all(p.read_text() == "finished" for p in kept)
 
 
+def test_taking_the_lock_leaves_the_temp_files_of_a_running_reader_alone(tmp_path):
+    # issue 23.8: a writer taking the lock deleted `alges report`'s temp, whose os.replace then failed
+    from alges_dist.data.atomic import atomic_path
+
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run / f".results.csv.{int(gone.stdout)}-9f8e.tmp"  # a writer that died mid-write
+    dead.write_text("half-written")
+    with atomic_path(run / "report" / "aulc.csv") as tmp:  # a report writing right now (a live process)
+        tmp.write_text("strategy,aulc\n")
+        with RunFolderLock(run, "run"):
+            pass
+        assert tmp.exists()
+    assert (run / "report" / "aulc.csv").read_text() == "strategy,aulc\n" and not dead.exists()
+
+
 def _fp(*overrides, sha="aa" * 32):
     return fingerprint(load_config(None, list(overrides)).model_dump(mode="json"), sha, ignore=RESUMABLE_KEYS)
 
