@@ -47,15 +47,6 @@ def uninterrupted(ray_local_module, demo_manifest, tmp_path_factory):
     return outcome(out)
 
 
-@pytest.fixture(scope="module")
-def ray_local_module():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    return ray
-
-
 def test_killed_between_every_pair_of_stages_the_rerun_finishes_as_if_never_killed(
         uninterrupted, demo_manifest, tmp_path, monkeypatch):
     out = tmp_path / "run"

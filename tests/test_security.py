@@ -83,6 +83,24 @@ def test_local_ray_listens_on_loopback_and_refuses_clients_without_the_token(dem
         watched.wait(120)
 
 
+@pytest.mark.ray
+def test_the_test_suites_own_ray_listens_on_loopback_only_and_wants_the_token(ray_session):
+    # issue 23.10: conftest's plain ray.init(num_cpus=4) listened on the machine's network address
+    listening = []
+    for pid in ray_session.record_processes():
+        try:
+            listening += [(pid, c.laddr) for c in psutil.Process(pid).net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    assert listening, "the instance's processes listen on no port?"
+    assert [(pid, a) for pid, a in listening if a.ip not in LOOPBACK] == []
+    gcs = re.search(r"local Ray at (\S+) \(auth: token", ray_session.description).group(1)
+    assert gcs.startswith("127.0.0.1:")
+    no_token = _connect(gcs, RAY_AUTH_MODE=CLIENT_WITHOUT_AUTH)
+    assert no_token.returncode != 0 and "RAN" not in no_token.stdout
+
+
 def test_no_file_switches_ray_auth_off():
     for path in [REPO / "Makefile", REPO / "README.md", *REPO.glob(".ci/*"), *REPO.glob("tests/*.py"),
                  *REPO.glob("alges_dist/**/*.py"), *REPO.glob("scripts/*"), *CLUSTER.glob("*")]:
