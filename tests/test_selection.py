@@ -390,8 +390,10 @@ def test_every_rule_keeps_picks_apart_in_time_and_from_labeled_frames(rule):
     assert len(set(got.indices)) == 40 and not labeled[got.indices].any()
     assert too_close(gap, got.indices).size == 0
     assert not gap.near(np.flatnonzero(labeled))[got.indices].any()
-    if rule in ("top-k", "kcenter"):  # without the gap these rules do pick neighbours on this pool
-        assert too_close(gap, plain.indices).size > 0 or rule == "kcenter"
+    # without the gap every rule does pick neighbours, and frames next to labeled ones, on this
+    # pool: the gap is what kept them apart (issue 23.12: this held only for top-k before)
+    assert too_close(gap, plain.indices).size > 0
+    assert gap.near(np.flatnonzero(labeled))[plain.indices].any()
 
 
 def test_time_gap_that_leaves_too_few_frames_says_so():

@@ -74,10 +74,26 @@ def test_the_task_reads_only_frame_id_error_and_its_column(tmp_path, monkeypatch
         seen.append(tuple(columns or ()))
         return real_batches(self, *args, columns=columns, **kwargs)
 
+    real_dataset = selection_task.pads.dataset
+
+    class SpyDataset:  # the candidates' read: columns plus the fields its filter names
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def to_table(self, columns=None, filter=None, **kwargs):
+            named = {f for f in ("frame_id", "error", "alges_img", "feature", "entropy") if f in str(filter)}
+            seen.append(("dataset", *(columns if columns is not None else ["<every column>"]), *sorted(named)))
+            return self.dataset.to_table(columns=columns, filter=filter, **kwargs)
+
+    def spy_dataset(source, *args, **kwargs):
+        return SpyDataset(real_dataset(source, *args, **kwargs))
+
     monkeypatch.setattr(selection_task.pq, "read_table", spy)
     monkeypatch.setattr(selection_task.pq.ParquetFile, "iter_batches", spy_batches)
+    monkeypatch.setattr(selection_task.pads, "dataset", spy_dataset)
     pick_batch(_cfg(), "alges-img-kcenter", str(manifest), str(scores), seed=0)
-    assert ("alges_img",) in seen and all(set(c) <= {"frame_id", "error", "alges_img"} and c for c in seen)
+    assert ("alges_img",) in seen and ("dataset", "frame_id", "error") in seen  # issue 23.12: every read path
+    assert all(set(c) - {"dataset"} <= {"frame_id", "error", "alges_img"} and c for c in seen), seen
 
 
 def test_score_rows_land_in_id_order_across_files_and_batches(tmp_path, monkeypatch):
