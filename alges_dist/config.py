@@ -14,9 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alges_dist.errors import InputError
-from alges_dist.strategies import DISTANCE_RULES, STRATEGIES
+from alges_dist.selection import DISTANCE_RULES, STRATEGIES
 
-# The strategy table (alges_dist.strategies) is the one list of valid names.
+# The strategy table (alges_dist.selection.strategies) is the one list of valid names.
 STRATEGY_NAMES = tuple(STRATEGIES)
 
 

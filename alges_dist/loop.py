@@ -42,7 +42,7 @@ from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
 from alges_dist.handoff import batch_images, collect_masks, correction_summary, push_to_labelstudio, write_batch
 from alges_dist.run_folder import RunLayout, check_settings, fingerprint, forced_changes, package_versions
-from alges_dist.strategies import get_strategy, score_column
+from alges_dist.selection import get_strategy, score_column
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from alges_dist import report
 from alges_dist.cli import main
 from alges_dist.config import ConfigError
 from alges_dist.errors import AlgesError, InputError, UnknownName
-from alges_dist.strategies import get_strategy
+from alges_dist.selection import get_strategy
 
 
 def _report_raising(monkeypatch, exc):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alges_dist.selection import kcenter_greedy, kmeanspp
-from alges_dist.selection_engine import TimeGap
+from alges_dist.selection import TimeGap
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from alges_dist.config import Config, check_selection_shards
 from alges_dist.errors import InputError
-from alges_dist.strategies import DISTANCE_RULES, get_strategy, score_column
+from alges_dist.selection import DISTANCE_RULES, get_strategy, score_column
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def selection_bytes(scores_dir: str | Path, column: str, storage_dtype: str, dev
     from the shards' footers, for ``selection.shards: auto``.
 
     The task first loads the column as float32 on the host (``ScoreRows``), then the engine
-    builds its storage form from it (``selection_engine.PoolShard``): float32 rows are used
+    builds its storage form from it (``selection.storage.StoredRows``): float32 rows are used
     as loaded, half rows are a second array of d + 6 norm terms padded to 8 columns. On the
     CPU both live in host memory at once: 4 + 2 bytes per value for half storage, 3x the
     storage alone; on CUDA the device holds only the storage form.
@@ -153,7 +153,7 @@ def time_gap(manifest: str, ids: pa.Array, gap_s: float):
     """The ``TimeGap`` of the rows ``ids``: videos from ``video_id``, times from ``#t=`` URIs
     (rows without a time, image files, are never near another). ``manifest``: the pool's, whose
     URIs keep their times (a run's labeled video frames point at their exported PNGs)."""
-    from alges_dist.selection_engine import TimeGap
+    from alges_dist.selection import TimeGap
 
     table = pq.read_table(manifest, columns=["frame_id", "video_id", "image_uri"])
     table = table.take(pc.index_in(ids, value_set=table["frame_id"].combine_chunks()))
@@ -196,7 +196,7 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
     value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
     score (top-k), NaN (random).
     """
-    import alges_dist.selection  # noqa: F401  (torch: imports are not the stage's memory)
+    import alges_dist.selection.rules  # noqa: F401  (torch: imports are not the stage's memory)
 
     with PeakRSS() as rss:
         picked = _pick(config, strategy, manifest, scores_dir, seed=seed, n_shards=n_shards, pool=pool or manifest)

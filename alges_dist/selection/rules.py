@@ -1,11 +1,11 @@
-"""Selection: turn per-frame embeddings or scores into the query batch (DESIGN "Selection").
+"""The pick rules: per-frame embeddings or scores -> the query batch (DESIGN "Selection").
 
 The pick rules share one signature, ``rule(values, labeled_mask, budget, *, seed, **options)``
 (scikit-learn's ``kmeans_plusplus(X, n_clusters, *, random_state)``), and ``PICK_RULES``
 names them. k-center greedy takes the farthest row, k-means++ draws proportionally to D^2
 (with optional greedy local trials, as scikit-learn); each pick is one pass over the rows.
 Their loops are written once, against the ``Pool`` protocol: one device
-(``selection_engine.DevicePool``: the loop stays on the device and results move to the
+(``engine.DevicePool``: the loop stays on the device and results move to the
 host once) or a pool sharded over Ray actors (``distributed/sharded_selection.ShardedPool``),
 with identical picks. ``top_k`` and ``random`` need no distances. Every rule honours a
 ``TimeGap`` (``selection.min_gap_s``): no two picks of one video closer in time than the gap.
@@ -23,23 +23,26 @@ import numpy as np
 import torch
 
 from alges_dist.errors import InputError
-from alges_dist.selection_engine import (
+from alges_dist.selection.engine import (
     DevicePool,
     PoolShard,
-    TimeGap,
     as_rows,
     check_budget,
     check_labeled_mask,
-    max_centered_sq_norm,
     nonfinite_rows,
     raise_nonfinite,
-    resolve_backend,
     resolve_device,
+)
+from alges_dist.selection.knn import resolve_backend
+from alges_dist.selection.storage import (
+    StoredRows,
+    max_centered_sq_norm,
     resolve_storage_dtype,
     row_sum,
     storage_scale,
     storage_shift,
 )
+from alges_dist.selection.time_gap import TimeGap
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class Selection(NamedTuple):
 
 
 class Pool(Protocol):
-    """What the greedy loops drive: one device (``selection_engine.DevicePool``) or Ray actors
+    """What the greedy loops drive: one device (``engine.DevicePool``) or Ray actors
     holding slices (``distributed/sharded_selection.ShardedPool``). Indices and distances are
     device tensors on one device (no host sync per pick) and host numbers when sharded."""
 
@@ -102,8 +105,8 @@ def device_pool(x, *, device="auto", backend: str = "auto", storage_dtype=torch.
     log.info("selection pool: %d rows, dim %d, %s storage (%.1f MB) on %s, labeled kNN: %s",
              rows.shape[0], rows.shape[1], storage_dtype, rows.shape[0] * rows.shape[1] * storage_dtype.itemsize / 1e6,
              device, backend)
-    shard = PoolShard(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift, scale=scale,
-                      chunk_size=chunk_size)
+    shard = PoolShard(StoredRows(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift,
+                                 scale=scale, chunk_size=chunk_size))
     return DevicePool(shard, backend, gap)
 
 
@@ -139,7 +142,7 @@ def _loop_threads(pool: Pool) -> Iterator[None]:
     plain numpy pass (one thread) at 200k x 512.
     """
     shard = getattr(pool, "shard", None)
-    if shard is None or shard.device.type != "cpu" or shard.augmented:
+    if shard is None or shard.device.type != "cpu" or shard.rows.augmented:
         yield
         return
     previous = torch.get_num_threads()
@@ -355,7 +358,6 @@ PICK_RULES: dict[str, Callable[..., Selection]] = {
     "top-k": top_k,
     "random": random,
 }
-SELECTION_METHODS = PICK_RULES  # the name earlier code used
 
 
 def select(rule: str, values, labeled_mask, budget, *, seed: int = 0, **options) -> Selection:
