@@ -138,7 +138,7 @@ def run_pairwise(x, labeled, budget):
 
 
 IMPORTS = {"floor": ["torch"],
-           **{k: ["torch", *(["faiss"] if b == "faiss" else []), "alges_dist.selection"] for k, (_, b) in OURS.items()},
+           **{k: ["torch", *(["faiss"] if b == "faiss" else []), "alges_dist.selection.rules"] for k, (_, b) in OURS.items()},
            "numpy-loop": [], "skactiveml": ["skactiveml.pool"], "pairwise": ["sklearn.metrics"]}
 
 
