@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from alges_dist.errors import AlgesError  # stdlib only: help stays fast
+from alges_dist.errors import AlgesError, InputError  # stdlib only: help stays fast
 
 log = logging.getLogger("alges_dist")
 FORMAT_NAMES = ("labelstudio", "cvat", "coco")  # alges_dist.annotation.formats.FORMATS (not imported: help stays fast)
@@ -186,6 +186,7 @@ def _label(args: argparse.Namespace) -> int:
                                      handoff.effort_of_masks(exp.round_dir(args.strategy, args.seed, r), mask_uris,
                                                              manifest))
         else:  # an annotation tool's export: checked whole, re-encoded into the pool's encoding, then imported
+            _check_unpainted(args.unpainted, exp.manifest(args.strategy, args.seed).encoding)
             r, source, fmt = exp.pending_round(args.strategy, args.seed), Path(args.source), args.format
             if args.source == "labelstudio":
                 from alges_dist.annotation.labelstudio_api import client_from_env
@@ -199,6 +200,16 @@ def _label(args: argparse.Namespace) -> int:
             handoff.write_correction(exp.round_dir(args.strategy, args.seed, r), converted.effort)
     print(f"labeled round {r + 1} of {args.strategy}/seed {args.seed}; rerun `alges run` to continue")
     return 0
+
+
+def _check_unpainted(unpainted: str | None, encoding) -> None:
+    """``--unpainted ignore`` needs an ignore value in the pool's encoding: refused naming the flag,
+    before a server is asked for anything."""
+    from alges_dist.annotation.pool_encoding import ignore_value
+
+    if unpainted == "ignore" and ignore_value(encoding) is None:
+        raise InputError("--unpainted ignore: unpainted pixels cannot be ignored: the pool's mask encoding has no "
+                         "ignore value; use --unpainted refuse, or paint every pixel")
 
 
 def _export(args: argparse.Namespace) -> int:
