@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from alges_dist.annotation.labelstudio_api import LabelStudioError  # stdlib only: a server that refused
+from alges_dist.errors import AlgesError, InputError  # stdlib only: help stays fast
 
 log = logging.getLogger("alges_dist")
 FORMAT_NAMES = ("labelstudio", "cvat", "coco")  # alges_dist.annotation.formats.FORMATS (not imported: help stays fast)
@@ -183,6 +183,7 @@ def _label(args: argparse.Namespace) -> int:
             handoff.write_correction(batch.folder, handoff.effort_of_masks(batch.folder, copies,
                                                                            people.batch_manifest(exp, batch)))
         else:  # an annotation tool's export: checked whole, re-encoded into the pool's encoding, then imported
+            _check_unpainted(args.unpainted, people.batch_manifest(exp, batch).encoding)
             source, fmt = Path(args.source), args.format
             if args.source == "labelstudio":
                 from alges_dist.annotation.labelstudio_api import client_from_env
@@ -197,6 +198,16 @@ def _label(args: argparse.Namespace) -> int:
             exp.first_batch.write_record()
     print(f"labeled {batch.name}; rerun `alges run` to continue")
     return 0
+
+
+def _check_unpainted(unpainted: str | None, encoding) -> None:
+    """``--unpainted ignore`` needs an ignore value in the pool's encoding: refused naming the flag,
+    before a server is asked for anything."""
+    from alges_dist.annotation.pool_encoding import ignore_value
+
+    if unpainted == "ignore" and ignore_value(encoding) is None:
+        raise InputError("--unpainted ignore: unpainted pixels cannot be ignored: the pool's mask encoding has no "
+                         "ignore value; use --unpainted refuse, or paint every pixel")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -268,7 +279,10 @@ def _ingest(args: argparse.Namespace) -> int:
               f"{sidecar_path(args.out)}")
     else:
         from alges_dist.config import load_config
-        from alges_dist.data.cholecseg8k import CHOLECSEG8K_ENCODINGS, ingest_cholecseg8k
+        from alges_dist.data.cholecseg8k import (
+            CHOLECSEG8K_ENCODINGS,
+            ingest_cholecseg8k,
+        )
 
         split = load_config(args.config).data.split_videos if args.config else None
         table = ingest_cholecseg8k(args.root, args.out, split_videos=split,
@@ -297,15 +311,17 @@ def _rounds(args: argparse.Namespace) -> int:
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
     runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
-    with RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
+    # the lock first: a second writer is refused at once, not after Ray and the pool check
+    with RunFolderLock(args.out, " ".join(args.argv)), \
+            RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
         import ray
 
         args.driver_node_id = ray.get_runtime_context().get_node_id()
         if threading.current_thread() is threading.main_thread():
             raise_on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own (it aborts)
         exp = Experiment(cfg, args.out, pool)
-        exp.check()  # the pool and the config against it and the cluster, before the folder is touched
-        with RunFolderLock(args.out, " ".join(args.argv)), contextlib.ExitStack() as stack:
+        exp.check()  # the pool and the config against it and the cluster, before anything is written
+        with contextlib.ExitStack() as stack:
             _log_to(args.out, args.argv)
             log.info("%s", session.description)
             exp.prepare(force_config=args.force_config)
@@ -338,7 +354,9 @@ def _rounds(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
+# What a user can fix: our own classes (a setting, file or row named in the message, a failed
+# check, a busy folder) and the OS's (a missing file, a full disk). Anything else is a defect.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (AlgesError, OSError)
 
 
 def _record_command(args: argparse.Namespace, code: int, started: float) -> None:
@@ -361,6 +379,18 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _run_log() -> Path | None:
+    """The run.log this command writes (``_log_to``), if it got that far."""
+    files = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+    return Path(files[0].baseFilename) if files else None
+
+
+def _stage(args: argparse.Namespace) -> str:
+    """Where the command was: the round stage the console last announced, else the command."""
+    console = getattr(args, "console", None)
+    return console.where if console is not None else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -371,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
         handler.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.setLevel(logging.DEBUG)
     from alges_dist.distributed.runtime import raise_on_signals
-    from alges_dist.distributed.scoring_job import StageFailed
-    from alges_dist.run_folder import RunFolderBusy
 
     if threading.current_thread() is threading.main_thread():
         raise_on_signals()  # SIGTERM (a scheduler stopping the job) ends the command like Ctrl-C
@@ -390,13 +418,23 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("interrupted%s during %s", cause, where)
         code = 130
         return code
-    except (*EXPECTED_ERRORS, StageFailed, RunFolderBusy, LabelStudioError) as exc:
+    except EXPECTED_ERRORS as exc:
         # Bad input or a failed check: one clear line, not a traceback (-v shows the traceback).
         if args.verbose:
             raise
         print(f"alges {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         log.debug("alges %s failed: %s", args.command, exc, exc_info=True)  # run.log keeps the traceback
         code = 2
+        return code
+    except Exception as exc:  # a defect of ours: say so, and where its traceback is
+        if args.verbose:
+            raise
+        log.debug("alges %s: internal error in %s", args.command, _stage(args), exc_info=True)  # run.log only
+        run_log = _run_log()
+        where = f"traceback in {run_log}" if run_log else "rerun with -v for the traceback"
+        print(f"alges {args.command}: internal error in {_stage(args)}: {type(exc).__name__}: {_one_line(exc)}, "
+              f"{where}", file=sys.stderr)
+        code = 1
         return code
     finally:
         _record_command(args, code, started)

@@ -40,6 +40,7 @@ from alges_dist.data.manifest import (
     write_manifest,
 )
 from alges_dist.data.rounds import video_frames_as_files
+from alges_dist.errors import InputError
 
 SELECTION_COLUMNS = ("pick_rank", "frame_id", "value", "split")
 
@@ -86,7 +87,7 @@ def spread(groups: np.ndarray, keys: np.ndarray, budget: int, *, timed: np.ndarr
         v = int(np.argmax(np.where(full, -1.0, counts / (sizes + 1))))
         taken += seat(v)
     if taken < budget and not allow_short:
-        raise ValueError(f"only {taken} frames can be picked with selection.min_gap_s={gap_s:g} ({budget - taken} "
+        raise InputError(f"only {taken} frames can be picked with selection.min_gap_s={gap_s:g} ({budget - taken} "
                          "short of the budget); lower min_gap_s or the budget")
     return np.concatenate(picks).astype(np.int64) if picks else np.empty(0, np.int64)
 
@@ -213,6 +214,6 @@ def write_initial_manifest(pool: str, out: str, picks: list[str], *, mask_uris: 
     missing = filter_manifest(table, split="pool", labeled=True)
     missing = missing.filter(pc.is_null(missing["mask_uri"]))["frame_id"].to_pylist()
     if missing:
-        raise ValueError(f"{len(missing)} frames of the first batch have no mask: {missing[:5]}")
+        raise InputError(f"{len(missing)} frames of the first batch have no mask: {missing[:5]}")
     write_manifest(table, out, encoding)
     return table.num_rows - table["labeled_round"].null_count

@@ -13,9 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alges_dist.strategies import STRATEGIES
+from alges_dist.errors import InputError
+from alges_dist.selection import DISTANCE_RULES, STRATEGIES
 
-# The strategy table (alges_dist.strategies) is the one list of valid names.
+# The strategy table (alges_dist.selection.strategies) is the one list of valid names.
 STRATEGY_NAMES = tuple(STRATEGIES)
 
 
@@ -32,7 +33,7 @@ RESUMABLE_KEYS = frozenset({
 })
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override is wrong; the message names the dotted key."""
 
 
@@ -63,14 +64,14 @@ class DataConfig(_Section):
     @classmethod
     def _positive_size(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 16:
-            raise ValueError(f"image_size must be at least 16 px per side, got {v}")
+            raise InputError(f"image_size must be at least 16 px per side, got {v}")
         return v
 
     @model_validator(mode="after")
     def _dice_classes_in_range(self) -> DataConfig:
         bad = [c for c in self.dice_classes or [] if not 0 <= c < self.n_classes]
         if bad:
-            raise ValueError(
+            raise InputError(
                 f"dice_classes {bad} outside the class ids 0..{self.n_classes - 1} (n_classes={self.n_classes})"
             )
         return self
@@ -127,7 +128,8 @@ class SelectionConfig(_Section):
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     shards: int | Literal["auto"] = Field(
         "auto", description='"auto": one device when the column fits its memory with headroom, else enough '
-        "actors (one GPU each) to hold a slice each; N: that many actors.")
+        "actors (one GPU each) to hold a slice each; N: that many actors. k-center and k-means++ only: ranking "
+        "rules and random run on one device.")
     min_gap_s: float = Field(
         0.0, ge=0, description="No two picks of one batch from one video closer in time than this (labeled "
         "frames count too); applies to video rows (#t= URIs) under every strategy. 0 = off.")
@@ -139,7 +141,7 @@ class SelectionConfig(_Section):
     @classmethod
     def _positive_count(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"must be >= 1 or 'auto', got {v}")
+            raise InputError(f"must be >= 1 or 'auto', got {v}")
         return v
 
 
@@ -181,23 +183,23 @@ class LoopConfig(_Section):
     def _known_strategies(cls, v: list[str]) -> list[str]:
         unknown = [s for s in v if s not in STRATEGY_NAMES]
         if unknown:
-            raise ValueError(f"unknown strategies {unknown}; valid: {list(STRATEGY_NAMES)}")
+            raise InputError(f"unknown strategies {unknown}; valid: {list(STRATEGY_NAMES)}")
         if not v:
-            raise ValueError("at least one strategy is needed")
+            raise InputError("at least one strategy is needed")
         return _no_repeats(v)
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if not v:
-            raise ValueError("at least one seed is needed")
+            raise InputError("at least one seed is needed")
         return _no_repeats(v)
 
 
 def _no_repeats(values: list[Any]) -> list[Any]:
     repeated = sorted({str(x) for x in values if values.count(x) > 1})
     if repeated:
-        raise ValueError(f"{repeated} appear more than once; list each once")
+        raise InputError(f"{repeated} appear more than once; list each once")
     return values
 
 
@@ -225,7 +227,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _labelstudio_has_a_root(self) -> Config:
         if self.loop.oracle == "labelstudio" and not self.labelstudio.document_root:
-            raise ValueError("loop.oracle=labelstudio needs labelstudio.document_root (the Label Studio server's "
+            raise InputError("loop.oracle=labelstudio needs labelstudio.document_root (the Label Studio server's "
                              "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, where batches are exported)")
         return self
 
@@ -247,6 +249,10 @@ class Config(_Section):
                               f"plus one CPU for decoding needs {s.num_actors * s.cpus_per_actor + 1:g} CPUs; the Ray "
                               f"cluster has {cpus:g}")
 
+        if isinstance(self.selection.shards, int) and self.selection.shards > 1 and any(
+                STRATEGIES[name].rule in DISTANCE_RULES for name in self.loop.strategies):
+            check_selection_shards(self.selection.shards, resources, setting=f"selection.shards={self.selection.shards}")
+
     def check_pool(self, n_pool: int, n_classes: int, source: str) -> None:
         """Check the values that depend on the pool, before any work starts."""
         if n_classes != self.data.n_classes:
@@ -260,6 +266,21 @@ class Config(_Section):
                 f"loop.initial_labeled={self.loop.initial_labeled} = {needed} frames, "
                 f"larger than the {n_pool} pool frames of {source}"
             )
+
+
+def check_selection_shards(n_shards: int, resources: dict[str, float], *, setting: str) -> None:
+    """Refuse a sharded selection the cluster cannot place (its actors would wait forever).
+
+    Each shard is one actor with one CPU, and one GPU when the cluster has GPUs
+    (``distributed/sharded_selection.ShardedPool``). setting: how the count came about, for the message.
+    """
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if gpus > 0 and n_shards > gpus:
+        raise ConfigError(f"{setting}: {n_shards} selection shards need {n_shards} GPUs (one actor each); the Ray "
+                          f"cluster has {gpus:g}. Set selection.shards to at most {int(gpus)}")
+    if n_shards > cpus:
+        raise ConfigError(f"{setting}: {n_shards} selection shards need {n_shards} CPUs (one actor each); the Ray "
+                          f"cluster has {cpus:g}. Set selection.shards to at most {int(cpus)}")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alges_dist.errors import InputError
 from alges_dist.metrics import confusion_matrix, paper_dice_per_class, scores_from_confusion
 
 
@@ -36,7 +37,7 @@ def evaluate(
     classes = list(range(n_classes)) if dice_classes is None else list(dice_classes)
     bad = [c for c in classes if not 0 <= c < n_classes]
     if bad:
-        raise ValueError(f"dice_classes {bad} outside the class ids 0..{n_classes - 1}")
+        raise InputError(f"dice_classes {bad} outside the class ids 0..{n_classes - 1}")
     was_training = model.training
     model.eval()
     dice_sum, n_frames = 0.0, 0
@@ -53,7 +54,7 @@ def evaluate(
     finally:
         model.train(was_training)
     if n_frames == 0:
-        raise ValueError("no frames to evaluate: the split is empty")
+        raise InputError("no frames to evaluate: the split is empty")
     scores = scores_from_confusion(cm)
     return {"dice": dice_sum / n_frames, "miou": scores.miou, "mdice": scores.mdice, "n_frames": n_frames,
             "dice_per_class": (class_dice_sum / n_frames).tolist(),

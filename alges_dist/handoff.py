@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from alges_dist.data.atomic import atomic_directory, atomic_path, atomic_write_text
 from alges_dist.data.manifest import Manifest
+from alges_dist.errors import InputError
 from alges_dist.run_folder import RunLayout
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def find_masks(folder: Path, picks: list[str]) -> dict[str, Path]:
         if not path.is_file() or path.suffix.lower() not in MASK_SUFFIXES:
             continue
         if path.stem in found:
-            raise ValueError(f"frame {path.stem!r} has two masks in {folder}: {found[path.stem].name} and "
+            raise InputError(f"frame {path.stem!r} has two masks in {folder}: {found[path.stem].name} and "
                              f"{path.name}; keep one")
         found[path.stem] = path
     missing = [f for f in picks if f not in found]
@@ -258,7 +259,12 @@ def preannotations(cfg: Any, batch: Batch, images: dict[str, str]) -> dict[str, 
 def export_batch(cfg: Any, layout: RunLayout, batch: Batch, manifest: Manifest, fmt: str, dest: Path | None = None,
                  *, document_root: Path | None = None) -> Path:
     """Write ``batch`` for an annotation tool (``fmt``: labelstudio, cvat, coco)."""
-    from alges_dist.annotation.formats import ExportFrame, check_format, class_colours, write_export
+    from alges_dist.annotation.formats import (
+        ExportFrame,
+        check_format,
+        class_colours,
+        write_export,
+    )
 
     check_format(fmt)
     table = batch.picks()
@@ -303,9 +309,9 @@ def labels_from_export(batch: Batch, manifest: Manifest, source: Path, *, fmt: s
 
     enc = manifest.encoding
     if unpainted not in (None, "ignore", "refuse"):
-        raise ValueError(f"unpainted must be 'ignore' or 'refuse', got {unpainted!r}")
+        raise InputError(f"unpainted must be 'ignore' or 'refuse', got {unpainted!r}")
     if unpainted == "ignore" and ignore_value(enc) is None:
-        raise ValueError("unpainted pixels cannot be ignored: the pool's mask encoding has no ignore value")
+        raise InputError("unpainted pixels cannot be ignored: the pool's mask encoding has no ignore value")
     policy = unpainted or ("ignore" if ignore_value(enc) is not None else "refuse")
     picks = batch.picks()["frame_id"].to_pylist()
     round_dir = batch.folder
@@ -392,7 +398,7 @@ def push_to_labelstudio(cfg: Any, layout: RunLayout, batch: Batch, manifest: Man
     project_id = client.project_id(settings.project, config)
     theirs = label_names_of_config(client.label_config(project_id))
     if theirs != label_names_of_config(config):
-        raise ValueError(f"Label Studio project {settings.project!r} labels {sorted(theirs)}, the pool's classes are "
+        raise InputError(f"Label Studio project {settings.project!r} labels {sorted(theirs)}, the pool's classes are "
                          f"{sorted(label_names_of_config(config))}; set labelstudio.project to another project")
     client.ensure_local_storage(project_id, str((dest / "images").resolve()), title=f"alges {batch.key}")
     there = [t for t in client.export_tasks(project_id) if (t.get("data") or {}).get("alges_batch") == batch.key]

@@ -52,7 +52,7 @@ from alges_dist.run_folder import (
     forced_changes,
     package_versions,
 )
-from alges_dist.strategies import get_strategy, score_column
+from alges_dist.selection import get_strategy, score_column
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from alges_dist.errors import InputError
+
 
 def _check_labels(pred: Tensor, target: Tensor, n_classes: int) -> None:
     if pred.shape != target.shape:
-        raise ValueError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+        raise InputError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
-        raise ValueError("pred and target must be integer label maps (argmax the logits first)")
+        raise InputError("pred and target must be integer label maps (argmax the logits first)")
     if pred.numel() and (pred.min() < 0 or pred.max() >= n_classes):
-        raise ValueError(f"pred holds labels outside 0..{n_classes - 1}: min {int(pred.min())}, max {int(pred.max())}")
+        raise InputError(f"pred holds labels outside 0..{n_classes - 1}: min {int(pred.min())}, max {int(pred.max())}")
 
 
 def paper_dice(
@@ -41,7 +43,7 @@ def paper_dice(
     classes = list(range(n_classes)) if classes is None else list(classes)
     bad = [c for c in classes if not 0 <= c < n_classes]
     if bad:
-        raise ValueError(f"classes {bad} outside 0..{n_classes - 1}")
+        raise InputError(f"classes {bad} outside 0..{n_classes - 1}")
     return paper_dice_per_class(pred, target, n_classes=n_classes, ignore_index=ignore_index)[:, classes].mean(1)
 
 
@@ -70,7 +72,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, *, n_classes: int, ignore_ind
     valid = target != ignore_index
     t = target[valid].long()
     if t.numel() and (t.min() < 0 or t.max() >= n_classes):
-        raise ValueError(f"target holds labels outside 0..{n_classes - 1} that are not ignore_index={ignore_index}")
+        raise InputError(f"target holds labels outside 0..{n_classes - 1} that are not ignore_index={ignore_index}")
     flat = t * n_classes + pred[valid].long()
     return torch.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 

@@ -21,6 +21,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from alges_dist.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # Name -> smp class. Lookups lowercase the name, so "Unet" and "DeepLabV3Plus" work.
@@ -41,7 +43,7 @@ def architecture_class(arch: str) -> type[nn.Module]:
     try:
         return ARCHITECTURES[arch.lower()]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown architecture {arch!r}; valid architectures: {sorted(ARCHITECTURES)}"
         ) from None
 
@@ -72,9 +74,9 @@ def build_model(
     """
     model_class = architecture_class(arch)
     if classes < 2:
-        raise ValueError(f"classes must be >= 2 (softmax over classes), got {classes}")
+        raise InputError(f"classes must be >= 2 (softmax over classes), got {classes}")
     if kwargs.get("activation") is not None:
-        raise ValueError(
+        raise InputError(
             f"activation must be None (ALGES scores need raw logits), got {kwargs['activation']!r}"
         )
     model = model_class(
@@ -162,14 +164,14 @@ def head_spec(model: nn.Module) -> HeadSpec:
     """
     head = getattr(model, "segmentation_head", None)
     if not isinstance(head, nn.Module):
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} has no `segmentation_head` module; ALGES scoring "
             f"needs an smp segmentation model (one of {sorted(ARCHITECTURES)})"
         )
     modules = list(head.modules())[1:] if isinstance(head, nn.Sequential) else [head]
     conv_positions = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not conv_positions:
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__}.segmentation_head has no nn.Conv2d: {head}"
         )
     conv = modules[conv_positions[-1]]
@@ -178,7 +180,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
     for after in modules[conv_positions[-1] + 1 :]:
         if isinstance(after, nn.Upsample) and upsample is None:
             if after.mode not in _SEPARABLE_MODES:
-                raise ValueError(
+                raise InputError(
                     f"head upsampling mode {after.mode!r} is not separable; "
                     f"supported: {_SEPARABLE_MODES}"
                 )
@@ -186,7 +188,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
         elif isinstance(after, nn.Identity) or _is_identity_container(after):
             continue
         else:
-            raise ValueError(
+            raise InputError(
                 f"segmentation_head applies {after} after its last conv; ALGES needs the "
                 "raw logits (build the model with activation=None)"
             )
@@ -254,7 +256,7 @@ def _check_conv(conv: nn.Conv2d) -> None:
             f"(zero padding {same_padding} only)"
         )
     if problems:
-        raise ValueError(f"head conv {conv} is not supported: " + "; ".join(problems))
+        raise InputError(f"head conv {conv} is not supported: " + "; ".join(problems))
 
 
 def _is_identity_container(module: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 from alges_dist.data.video import parse_video_uri
 from alges_dist.data.video_export import SOURCES_CSV, read_sources
+from alges_dist.errors import InputError
 from alges_dist.run_folder import RunLayout
 
 __all__ = ["DEFAULT_NEAR_SECONDS", "count_near_picks", "frame_times", "near_pick_counts", "near_pick_column"]
@@ -40,7 +41,7 @@ def count_near_picks(picks: Sequence[str], labeled: Iterable[str], times: Mappin
     skipped. Returns None when no pick has a time (nothing to measure).
     """
     if within_s < 0:
-        raise ValueError(f"within_s must be >= 0, got {within_s}")
+        raise InputError(f"within_s must be >= 0, got {within_s}")
     timed = [f for f in picks if f in times]
     if not timed:
         return None

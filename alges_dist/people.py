@@ -14,6 +14,7 @@ from typing import Any
 
 from alges_dist.data.manifest import Manifest, read_manifest, set_uris
 from alges_dist.data.rounds import label_frames
+from alges_dist.errors import InputError
 from alges_dist.handoff import (
     Batch,
     batch_images,
@@ -91,9 +92,9 @@ def pending_batch(exp: Any, strategy: str | None = None, seed: int | None = None
     if not chosen:
         which = " ".join(x for x in (strategy and f"--strategy {strategy}", seed is not None and f"--seed {seed}")
                          if x)
-        raise ValueError(f"{exp.out} has no batch waiting for labels{' for ' + which if which else ''}"
+        raise InputError(f"{exp.out} has no batch waiting for labels{' for ' + which if which else ''}"
                          + (f"; waiting: {listed}" if pending else ""))
-    raise ValueError(f"{len(chosen)} batches of {exp.out} wait for labels; name one with --strategy and --seed: "
+    raise InputError(f"{len(chosen)} batches of {exp.out} wait for labels; name one with --strategy and --seed: "
                      f"{listed}")
 
 

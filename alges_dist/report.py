@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from alges_dist.data.atomic import atomic_write_text
+from alges_dist.errors import InputError
 from alges_dist.handoff import contact_sheet, predict_masks
 from alges_dist.report_figures import plot_learning_curves, plot_per_class_curves
 from alges_dist.report_statistics import (
@@ -303,7 +304,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     cfg = load_config(run / "config.yaml")
     rows = read_results(run / "results.csv")
     if not rows:
-        raise ValueError(f"{run / 'results.csv'} has no completed rounds yet")
+        raise InputError(f"{run / 'results.csv'} has no completed rounds yet")
     compared = check_baselines(rows, baselines)
     baseline = compared[0] if compared else None
     out = run / "report"

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from alges_dist.errors import InputError
 from alges_dist.statistics import MIN_SEEDS_FOR_INTERVAL, aulc, bootstrap_ci, frames_to_target, paired_difference
 
 METRICS = ("dice", "miou")
@@ -65,7 +66,7 @@ def check_baselines(rows: Sequence[dict[str, Any]], baselines: Sequence[str]) ->
     present = strategy_order(rows)
     missing = [b for b in baselines if b != "random" and b not in present]
     if missing:
-        raise ValueError(f"baseline {missing[0]!r} is not a strategy of this run (strategies: {present})")
+        raise InputError(f"baseline {missing[0]!r} is not a strategy of this run (strategies: {present})")
     return list(dict.fromkeys(b for b in ["random", *baselines] if b in present))
 
 

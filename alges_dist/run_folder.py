@@ -24,6 +24,7 @@ imports the other and a copied run folder renders anywhere::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -38,8 +39,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alges_dist.data.atomic import atomic_path, atomic_write_text
+from alges_dist.data.atomic import atomic_path, atomic_write_text, temp_owner
 from alges_dist.data.manifest import MASK_ENCODING_KEY, MaskEncoding
+from alges_dist.errors import AlgesError, InputError
 
 RESULT_COLUMNS = ["strategy", "seed", "round", "n_labeled", "dice", "miou", "mdice"]
 QUERY_COLUMNS = ["strategy", "seed", "round", "pick_rank", "frame_id", "value"]
@@ -181,7 +183,7 @@ class RunLayout:
             return None
         metadata = pq.read_schema(self.initial_manifest_path).metadata or {}
         if MASK_ENCODING_KEY not in metadata:
-            raise ValueError(f"{self.initial_manifest_path} has no mask encoding in its metadata")
+            raise InputError(f"{self.initial_manifest_path} has no mask encoding in its metadata")
         return MaskEncoding.from_json(metadata[MASK_ENCODING_KEY]).class_names
 
 
@@ -194,7 +196,7 @@ def _per_class_rows(record: dict[str, Any], names: list[str] | None, source: Pat
         return []
     dataset = record["dataset_dice_per_class"]
     if names is not None and len(names) != len(dice):
-        raise ValueError(f"{source}: {len(dice)} per-class Dice values but the pool encodes {len(names)} classes")
+        raise InputError(f"{source}: {len(dice)} per-class Dice values but the pool encodes {len(names)} classes")
     base = {k: record[k] for k in columns if k not in _CLASS_FIELDS}  # which run, round and seed
     return [{**base, "class_id": k, "class_name": names[k] if names else f"class_{k}", "dice": d,
              "dataset_dice": "" if dataset[k] is None else dataset[k]} for k, d in enumerate(dice)]
@@ -267,7 +269,7 @@ def peak_rss_mb() -> float:
 
 
 # ---- one writer at a time -------------------------------------------------------------------
-class RunFolderBusy(RuntimeError):
+class RunFolderBusy(AlgesError, RuntimeError):
     """Another process holds the run folder's lock."""
 
 
@@ -276,7 +278,9 @@ class RunFolderLock:
 
     The kernel releases it when the process dies, however it dies, so a crash never leaves
     a stale lock. The holder writes its PID and command into the file; a second writer fails
-    at once naming them. Readers (``alges report``) take no lock. On taking the lock, crash
+    at once naming them. Commands take it before anything else (Ray, the pool check), so a
+    second writer is refused at once; a folder the lock created and nothing else wrote is
+    removed again on release. Readers (``alges report``) take no lock. On taking the lock, crash
     litter of earlier writers (temp siblings of atomic writes, unfinished score folders) is
     removed: nobody else can be writing it.
     """
@@ -287,6 +291,7 @@ class RunFolderLock:
     def __enter__(self) -> RunFolderLock:
         import fcntl
 
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -294,6 +299,7 @@ class RunFolderLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
+            self._created = False
             raise RunFolderBusy(
                 f"run folder {self.path.parent} is in use by pid {holder.get('pid', '?')} "
                 f"(`alges {holder.get('command', '?')}`, since {holder.get('since', '?')}); one command "
@@ -307,6 +313,13 @@ class RunFolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
+            folder = self.path.parent
+            if self._created and os.listdir(folder) == [self.path.name]:
+                # a command refused before it wrote anything (the pool check) leaves no folder behind;
+                # removed while the lock is held, so no other writer is inside
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                    folder.rmdir()
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
@@ -322,12 +335,27 @@ def _read_holder(fd: int) -> dict[str, Any]:
 LITTER_PATTERNS = (".*.tmp", ".scores-*", ".*.partial")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def remove_crash_litter(out: Path) -> list[Path]:
-    """Remove what an interrupted writer left: ``.NAME.HEX.tmp`` files of atomic writes,
-    ``.scores-*`` folders of unfinished scoring jobs, ``.*.partial`` label imports."""
+    """Remove what an interrupted writer left: ``.NAME.PID-HEX.tmp`` files of atomic writes
+    whose process is gone, ``.scores-*`` folders of unfinished scoring jobs, ``.*.partial``
+    label imports. The temp of a process still running is not litter: ``alges report``
+    (no lock) writes beside a writer, and its ``os.replace`` must find its temp."""
     removed = []
     for pattern in LITTER_PATTERNS:
         for path in Path(out).rglob(pattern):
+            owner = temp_owner(path) if pattern == ".*.tmp" else None
+            if owner is not None and _alive(owner):
+                continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -337,7 +365,7 @@ def remove_crash_litter(out: Path) -> list[Path]:
 
 
 # ---- the settings a run folder was made with ---------------------------------------------------
-class SettingsChanged(ValueError):
+class SettingsChanged(InputError):
     """A resumed run folder was made with other settings or another pool."""
 
 

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from alges_dist.errors import InputError
+
 #: Fewer seeds than this: no confidence interval (two values give a meaningless bootstrap).
 MIN_SEEDS_FOR_INTERVAL = 3
 #: Up to this many seeds the sign-flip test enumerates all 2^n patterns (65,536 at 16).
@@ -54,10 +56,14 @@ class PairedDifference(NamedTuple):
 
 
 def aulc(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Trapezoid area under (xs, ys) over the span of xs (a mean metric); one point: that point."""
+    """Trapezoid area under (xs, ys) over the span of xs (a mean metric); one point: that point.
+
+    A round that added no frames (xs repeats) adds no area; a curve that never grew (no span:
+    every round short of picks) is the mean of its points, not a division by zero.
+    """
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    if len(xs) == 1:
-        return float(ys[0])
+    if len(xs) == 1 or xs[-1] == xs[0]:
+        return float(ys.mean())
     area = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
     return area / float(xs[-1] - xs[0])
 
@@ -65,9 +71,9 @@ def aulc(xs: Sequence[float], ys: Sequence[float]) -> float:
 def _as_samples(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim == 0 or len(array) == 0:
-        raise ValueError(f"{name} needs at least one seed, got {array.tolist()!r}")
+        raise InputError(f"{name} needs at least one seed, got {array.tolist()!r}")
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} holds non-finite values {array.tolist()!r}: drop unreached seeds first")
+        raise InputError(f"{name} holds non-finite values {array.tolist()!r}: drop unreached seeds first")
     return array
 
 
@@ -91,19 +97,19 @@ def bootstrap_ci(
     array = _as_samples(values, "bootstrap_ci")
     n = len(array)
     if n < MIN_SEEDS_FOR_INTERVAL:
-        raise ValueError(f"bootstrap_ci needs at least {MIN_SEEDS_FOR_INTERVAL} seeds for an interval, got {n}")
+        raise InputError(f"bootstrap_ci needs at least {MIN_SEEDS_FOR_INTERVAL} seeds for an interval, got {n}")
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise InputError(f"confidence must be in (0, 1), got {confidence}")
     if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+        raise InputError(f"n_resamples must be >= 1, got {n_resamples}")
     if statistic is None:
         if array.ndim != 1:
-            raise ValueError(f"values of shape {array.shape} need a statistic; the default mean takes (n,)")
+            raise InputError(f"values of shape {array.shape} need a statistic; the default mean takes (n,)")
         statistic = lambda resamples: resamples.mean(axis=1)  # noqa: E731
     rows = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))  # (B, n) seed indices
     stats = np.asarray(statistic(array[rows]), dtype=np.float64)  # (B,)
     if stats.shape != (n_resamples,):
-        raise ValueError(f"statistic must map ({n_resamples}, {n}, ...) resamples to ({n_resamples},), got {stats.shape}")
+        raise InputError(f"statistic must map ({n_resamples}, {n}, ...) resamples to ({n_resamples},), got {stats.shape}")
     alpha = 1 - confidence
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return Interval(float(low), float(high))
@@ -123,7 +129,7 @@ def sign_flip_test(
     """
     d = _as_samples(differences, "sign_flip_test")
     if d.ndim != 1:
-        raise ValueError(f"differences must be one value per seed, got shape {d.shape}")
+        raise InputError(f"differences must be one value per seed, got shape {d.shape}")
     n = len(d)
     # Sums that are equal in exact arithmetic can differ in the last bits; count them as ties.
     tolerance = 1e-12 * float(np.abs(d).sum())
@@ -150,7 +156,7 @@ def paired_difference(
     """values[i] - baseline[i] over seeds i: mean, bootstrap interval (None below 3 seeds), p-value."""
     values, baseline = _as_samples(values, "values"), _as_samples(baseline, "baseline")
     if values.shape != baseline.shape or values.ndim != 1:
-        raise ValueError(f"values {values.shape} and baseline {baseline.shape} must be one value per seed, paired")
+        raise InputError(f"values {values.shape} and baseline {baseline.shape} must be one value per seed, paired")
     d = values - baseline
     ci = None
     if len(d) >= MIN_SEEDS_FOR_INTERVAL:
@@ -161,7 +167,8 @@ def paired_difference(
 def frames_to_target(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
     """Labeled frames at which the curve first reaches ``target``; None when it never does.
 
-    xs: labeled frames per round, strictly increasing; ys: the metric there. Between two
+    xs: labeled frames per round, non-decreasing (a round short of picks adds fewer frames, or
+    none); ys: the metric there. Between two
     rounds the curve is the straight line through them, so the answer is the first
     crossing, interpolated; at or above target on the first round: xs[0]. Never
     extrapolated past xs[-1]: a curve that ends below target returns None ("not reached
@@ -169,11 +176,11 @@ def frames_to_target(xs: Sequence[float], ys: Sequence[float], target: float) ->
     """
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     if xs.ndim != 1 or xs.shape != ys.shape or len(xs) == 0:
-        raise ValueError(f"xs {xs.shape} and ys {ys.shape} must be one non-empty curve of equal length")
-    if np.any(np.diff(xs) <= 0):
-        raise ValueError(f"labeled frames must increase strictly along the curve, got {xs.tolist()}")
+        raise InputError(f"xs {xs.shape} and ys {ys.shape} must be one non-empty curve of equal length")
+    if np.any(np.diff(xs) < 0):
+        raise InputError(f"labeled frames must not decrease along the curve, got {xs.tolist()}")
     if not (np.all(np.isfinite(ys)) and np.isfinite(target)):
-        raise ValueError(f"curve {ys.tolist()} or target {target} is not finite")
+        raise InputError(f"curve {ys.tolist()} or target {target} is not finite")
     reached = np.flatnonzero(ys >= target)
     if len(reached) == 0:
         return None

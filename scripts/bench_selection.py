@@ -138,7 +138,7 @@ def run_pairwise(x, labeled, budget):
 
 
 IMPORTS = {"floor": ["torch"],
-           **{k: ["torch", *(["faiss"] if b == "faiss" else []), "alges_dist.selection"] for k, (_, b) in OURS.items()},
+           **{k: ["torch", *(["faiss"] if b == "faiss" else []), "alges_dist.selection.rules"] for k, (_, b) in OURS.items()},
            "numpy-loop": [], "skactiveml": ["skactiveml.pool"], "pairwise": ["sklearn.metrics"]}
 
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     plan = [(name, args.n) for name in ("floor", *OURS, "numpy-loop")]
     if args.device == "cuda":  # numpy and the peers have no GPU path; faiss only with faiss-gpu
-        from alges_dist.selection_knn import faiss_has_gpu
+        from alges_dist.selection.knn import faiss_has_gpu
 
         plan = [(name, n) for name, n in plan if name not in ("numpy-loop", "ours-faiss") or
                 (name == "ours-faiss" and faiss_has_gpu())]

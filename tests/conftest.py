@@ -27,34 +27,56 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
-def ray_local():
-    """A local Ray runtime shared by the session (start-up costs 4-6 s and ~0.75 GB).
+_SESSIONS: list = []  # the RaySessions this test process started: ended at its end
 
-    Started on first use and kept; a test that needs Ray stopped (the `ray start`
-    cluster test) shuts it down and the next user starts it again. 4 logical CPUs on
-    2 cores: a scoring job needs 2 actors plus read tasks at once.
+
+def start_ray():
+    """The tests' local Ray, started as every `alges` command starts its own (``RaySession``:
+    127.0.0.1 only, token auth on, a fresh instance) and kept for the session (start-up costs
+    4-6 s and ~0.75 GB). 4 logical CPUs on 2 cores: a scoring job needs 2 actors plus read
+    tasks at once. Ray is imported, never skipped: a broken Ray fails the tests that need it.
     """
-    ray = pytest.importorskip("ray")
+    import ray
+
+    from alges_dist.distributed.runtime import RaySession
+
     if not ray.is_initialized():
-        context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        _SESSION_DIRS.append(context.address_info["session_dir"])
+        saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+        _SESSIONS.append(RaySession(num_cpus=4).__enter__())
+        # The instance's own processes carry its address; this process reaches it through
+        # ray.is_initialized(), and `alges` subprocesses must start instances of their own
+        # (RAY_ADDRESS would make them join this one as a "cluster").
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return ray
 
 
-_SESSION_DIRS: list[str] = []  # the instances this test process started: removed at its end
+@pytest.fixture
+def ray_local():
+    """The session's local Ray (``start_ray``), started on first use."""
+    return start_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_local_module():
+    """``ray_local`` for module-scoped fixtures."""
+    return start_ray()
+
+
+@pytest.fixture
+def ray_session(ray_local):
+    """The ``RaySession`` that started the running instance."""
+    return _SESSIONS[-1]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_exit():
     yield
-    import shutil
-    import sys
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()
-    for folder in _SESSION_DIRS:
-        shutil.rmtree(folder, ignore_errors=True)
+    for session in reversed(_SESSIONS):  # ray.shutdown, then any process left, then the session folder
+        session.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")

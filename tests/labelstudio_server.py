@@ -43,7 +43,8 @@ def missing_reason() -> str | None:
         return None
     log = REPO_ROOT / ".venv-ls.log"
     why = f"; last lines of {log}: {log.read_text()[-300:]!r}" if log.exists() else ""
-    return f"{LABEL_STUDIO} is absent: `make label-studio` builds it (make test runs it first){why}"
+    return (f"{LABEL_STUDIO} is absent: `make label-studio` builds it (make test runs it first and fails without "
+            f"it unless ALGES_SKIP_LABEL_STUDIO=1){why}")
 
 
 def _free_port() -> int:

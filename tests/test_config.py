@@ -90,3 +90,19 @@ def test_paper_config_is_the_papers_protocol():
     assert (cfg.loop.initial_labeled, cfg.loop.budget, cfg.loop.n_rounds, cfg.loop.seeds) == (10, 10, 30, [0, 1, 2])
     assert set(cfg.loop.strategies) == {"random", "coreset", "alges-img", "alges-sem", "entropy", "margin",
                                         "least-confidence"}
+
+
+@pytest.mark.parametrize("resources, match", [
+    ({"CPU": 16, "GPU": 2}, r"selection.shards=4: 4 selection shards need 4 GPUs \(one actor each\); the Ray cluster "
+                            r"has 2\. Set selection.shards to at most 2"),
+    ({"CPU": 2}, r"selection.shards=4: 4 selection shards need 4 CPUs .* has 2\. Set selection.shards to at most 2"),
+])
+def test_more_selection_shards_than_the_cluster_can_place_fail_before_work(resources, match):
+    # issue 23.4: the actors that could not be placed were waited for forever
+    cfg = load_config(None, ["selection.shards=4", "loop.strategies=[random, alges-img-kcenter]"])
+    with pytest.raises(ConfigError, match=match):
+        cfg.check_resources(resources, use_gpu=False)
+    cfg.check_resources({"CPU": 16, "GPU": 4}, use_gpu=False)  # one GPU per shard: fine
+    # ranking rules and random never shard: the setting does not bind them
+    load_config(None, ["selection.shards=4", "loop.strategies=[random, entropy]"]).check_resources(resources,
+                                                                                                    use_gpu=False)

@@ -1,5 +1,6 @@
-"""Fault injection (issue 10): the driver killed between every pair of stages, a failed write,
-a driver killed mid-fit, a failed scoring stage. After each, rerunning the same command
+"""Fault injection (issue 10): the driver stopped after every stage (in process: an interrupt
+raised as each stage ends), a write that fails half-way (an injected ENOSPC), a driver
+SIGKILLed mid-fit (a real process), a failed scoring stage. After each, rerunning the same command
 finishes with exactly the outputs of an uninterrupted run: same picks, same labels, same
 metrics, nothing lost or duplicated. (A scoring actor killed mid-job: tests/test_scoring_job.py;
 Ctrl-C and SIGTERM during training and scoring: tests/test_runtime.py.)
@@ -45,15 +46,6 @@ def uninterrupted(ray_local_module, demo_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "uninterrupted"
     assert main(run_args(demo_manifest, out)) == 0
     return outcome(out)
-
-
-@pytest.fixture(scope="module")
-def ray_local_module():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    return ray
 
 
 def test_killed_between_every_pair_of_stages_the_rerun_finishes_as_if_never_killed(

@@ -12,7 +12,7 @@ import pytest
 from alges_dist.cli import ROUND_COMMANDS, main
 from alges_dist.data.manifest import read_manifest
 from alges_dist.loop import Experiment
-from alges_dist.strategies import STRATEGIES
+from alges_dist.selection import STRATEGIES
 from alges_dist.config import STRATEGY_NAMES
 
 FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",

@@ -128,6 +128,20 @@ def test_aulc_table_pairs_seeds_and_matches_an_independent_computation():
         aulc_table(rows, "dice", baselines=["coreset"])
 
 
+def test_a_round_that_picked_nothing_is_reported_not_a_crash():
+    # issue 23.5: a zero-pick round repeats n_labeled; aulc divided by zero, frames_to_target raised
+    rows = [r for r in _rows() if r["round"] <= 1]
+    for r in rows:
+        if r["strategy"] == "alges-img" and r["seed"] == 0 and r["round"] == 1:
+            r["n_labeled"] = 10  # round 1 added no frames
+    areas = {a["strategy"]: a for a in aulc_table(rows)}
+    y0 = [r["dice"] for r in rows if r["strategy"] == "alges-img" and r["seed"] == 0]
+    others = [np.mean([r["dice"] for r in rows if r["strategy"] == "alges-img" and r["seed"] == s]) for s in (1, 2)]
+    assert areas["alges-img"]["aulc_mean"] == pytest.approx(np.mean([np.mean(y0), *others]))
+    table = frames_to_target_table(rows, "dice", "random")
+    assert {r["strategy"] for r in table} >= {"alges-img"}
+
+
 def test_two_seeds_give_no_interval_and_missing_seeds_are_left_out_of_the_pairs():
     rows = [r for r in _rows() if r["seed"] < 2]
     a = {r["strategy"]: r for r in aulc_table(rows)}["alges-img"]

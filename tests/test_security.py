@@ -83,11 +83,46 @@ def test_local_ray_listens_on_loopback_and_refuses_clients_without_the_token(dem
         watched.wait(120)
 
 
+@pytest.mark.ray
+def test_the_test_suites_own_ray_listens_on_loopback_only_and_wants_the_token(ray_session):
+    # issue 23.10: conftest's plain ray.init(num_cpus=4) listened on the machine's network address
+    listening = []
+    for pid in ray_session.record_processes():
+        try:
+            listening += [(pid, c.laddr) for c in psutil.Process(pid).net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    assert listening, "the instance's processes listen on no port?"
+    assert [(pid, a) for pid, a in listening if a.ip not in LOOPBACK] == []
+    gcs = re.search(r"local Ray at (\S+) \(auth: token", ray_session.description).group(1)
+    assert gcs.startswith("127.0.0.1:")
+    no_token = _connect(gcs, RAY_AUTH_MODE=CLIENT_WITHOUT_AUTH)
+    assert no_token.returncode != 0 and "RAN" not in no_token.stdout
+
+
+# RAY_AUTH_MODE set to "disabled" in any spelling: shell/env (=), YAML or a dict (:), a call
+# such as monkeypatch.setenv or os.environ.setdefault (,), a Kubernetes env entry (name/value)
+AUTH_OFF = re.compile(r"""RAY_AUTH_MODE["'\]]*\s*(?:[:=,]|\n\s*-?\s*value\s*:)\s*["']?""" + CLIENT_WITHOUT_AUTH)
+
+
+def test_the_auth_grep_catches_every_spelling():
+    off = CLIENT_WITHOUT_AUTH
+    for form in (f"export RAY_AUTH_MODE={off}", f"RAY_AUTH_MODE: {off}", f'env: {{"RAY_AUTH_MODE": "{off}"}}',
+                 f'monkeypatch.setenv("RAY_AUTH_MODE", "{off}")', f"os.environ['RAY_AUTH_MODE'] = '{off}'",
+                 f"- name: RAY_AUTH_MODE\n  value: {off}", f'dict(RAY_AUTH_MODE="{off}")'):
+        assert AUTH_OFF.search(form), form
+    assert not AUTH_OFF.search("RAY_AUTH_MODE: token") and not AUTH_OFF.search("RAY_AUTH_MODE=CLIENT_WITHOUT_AUTH")
+
+
 def test_no_file_switches_ray_auth_off():
-    for path in [REPO / "Makefile", REPO / "README.md", *REPO.glob(".ci/*"), *REPO.glob("tests/*.py"),
-                 *REPO.glob("alges_dist/**/*.py"), *REPO.glob("scripts/*"), *CLUSTER.glob("*")]:
-        text = path.read_text(errors="ignore")
-        assert not re.search(r"RAY_AUTH_MODE\W{0,3}=\W{0,3}disabled", text), path
+    paths = [REPO / "Makefile", REPO / "README.md", REPO / "pyproject.toml", *REPO.glob(".ci/**/*"),
+             *REPO.glob("tests/*.py"), *REPO.glob("alges_dist/**/*.py"), *REPO.glob("scripts/*"),
+             *REPO.glob("configs/**/*"), *REPO.glob("docs/**/*"), *CLUSTER.glob("**/*")]
+    assert any(p.parent.name == "configs" for p in paths) and any(p.parent == CLUSTER for p in paths)
+    for path in paths:
+        if path.is_file():
+            assert not AUTH_OFF.search(path.read_text(errors="ignore")), path
 
 
 def _docs(name):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy import stats
 
-from alges_dist import selection as sel
-from alges_dist import selection_engine as engine
-from alges_dist import selection_knn as knn
+from alges_dist.selection import rules as sel
+from alges_dist.selection import TimeGap
+from alges_dist.selection import knn
 from alges_dist.selection import PICK_RULES, kcenter_greedy, kmeanspp, random, select, top_k
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -331,7 +331,7 @@ def test_cuda_faiss_backend_agrees_with_torch():
 @pytest.mark.parametrize("local_trials", [None, 3])
 def test_cuda_greedy_loops_never_sync_the_host(local_trials):
     x, labeled = gaussian_pool(n=3000, d=32, n_labeled=100)
-    gap = engine.TimeGap(np.arange(3000) // 100, np.arange(3000) % 100 * 1.0, 3.0)  # the gap's masks too
+    gap = TimeGap(np.arange(3000) // 100, np.arange(3000) % 100 * 1.0, 3.0)  # the gap's masks too
     pool = sel.device_pool(x, device="cuda", backend="torch", storage_dtype="float32", chunk_size=1024, gap=gap)
     u = sel.kmeanspp_uniforms(50, 1 if local_trials is None else local_trials, 0).cuda()
     for loop in (lambda: sel._kcenter_loop(pool, 50), lambda: sel._kmeanspp_loop(pool, 50, u)):
@@ -347,7 +347,7 @@ def test_cuda_greedy_loops_never_sync_the_host(local_trials):
 # ---- the time gap (selection.min_gap_s) --------------------------------------------------------------
 def video_gap(n, per_video=50, gap_s=4.0):
     """Rows are frames of videos of ``per_video`` seconds at 1 fps."""
-    return engine.TimeGap(np.arange(n) // per_video, (np.arange(n) % per_video) * 1.0, gap_s)
+    return TimeGap(np.arange(n) // per_video, (np.arange(n) % per_video) * 1.0, gap_s)
 
 
 def too_close(gap, rows):
@@ -390,8 +390,10 @@ def test_every_rule_keeps_picks_apart_in_time_and_from_labeled_frames(rule):
     assert len(set(got.indices)) == 40 and not labeled[got.indices].any()
     assert too_close(gap, got.indices).size == 0
     assert not gap.near(np.flatnonzero(labeled))[got.indices].any()
-    if rule in ("top-k", "kcenter"):  # without the gap these rules do pick neighbours on this pool
-        assert too_close(gap, plain.indices).size > 0 or rule == "kcenter"
+    # without the gap every rule does pick neighbours, and frames next to labeled ones, on this
+    # pool: the gap is what kept them apart (issue 23.12: this held only for top-k before)
+    assert too_close(gap, plain.indices).size > 0
+    assert gap.near(np.flatnonzero(labeled))[plain.indices].any()
 
 
 def test_time_gap_that_leaves_too_few_frames_says_so():
@@ -400,3 +402,15 @@ def test_time_gap_that_leaves_too_few_frames_says_so():
     for rule in PICK_RULES:
         with pytest.raises(ValueError, match="min_gap_s=30.0"):
             select(rule, x[:, 0] if rule == "top-k" else x, labeled, 6, seed=0, gap=gap)
+
+
+def test_split_targets_is_one_devices_inverse_cdf_shard_by_shard():
+    from alges_dist.selection.shard_worker import split_targets
+
+    weights = [2.0, 0.0, 6.0]  # one device: rows of mass 2 | 6 on one cumulative axis [0, 8)
+    u = np.array([0.0, 0.2, 0.25, 0.26, 0.99])
+    owners, local = split_targets(u, weights)
+    np.testing.assert_array_equal(owners, [0, 0, 2, 2, 2])  # never the empty shard
+    np.testing.assert_allclose(local, [0.0, 1.6, 0.0, 0.08, 5.92])
+    owners, local = split_targets(np.array([0.5]), [0.0, 0.0])  # nothing left: clamped, never past the last shard
+    assert owners.tolist() == [1] and local.tolist() == [0.0]

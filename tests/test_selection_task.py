@@ -12,7 +12,7 @@ import pytest
 from alges_dist.config import load_config
 from alges_dist.data.manifest import MaskEncoding, make_manifest, mark_labeled, read_manifest, set_uris, write_manifest
 from alges_dist.distributed import selection_task
-from alges_dist.distributed.selection_task import ScoreRows, column_bytes, pick_batch, shards_needed
+from alges_dist.distributed.selection_task import ScoreRows, column_bytes, pick_batch, selection_bytes, shards_needed
 from alges_dist.run_folder import peak_rss_mb
 
 ENCODING = MaskEncoding(mode="threshold", threshold=127, class_names=["bg", "fg"])
@@ -74,10 +74,26 @@ def test_the_task_reads_only_frame_id_error_and_its_column(tmp_path, monkeypatch
         seen.append(tuple(columns or ()))
         return real_batches(self, *args, columns=columns, **kwargs)
 
+    real_dataset = selection_task.pads.dataset
+
+    class SpyDataset:  # the candidates' read: columns plus the fields its filter names
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def to_table(self, columns=None, filter=None, **kwargs):
+            named = {f for f in ("frame_id", "error", "alges_img", "feature", "entropy") if f in str(filter)}
+            seen.append(("dataset", *(columns if columns is not None else ["<every column>"]), *sorted(named)))
+            return self.dataset.to_table(columns=columns, filter=filter, **kwargs)
+
+    def spy_dataset(source, *args, **kwargs):
+        return SpyDataset(real_dataset(source, *args, **kwargs))
+
     monkeypatch.setattr(selection_task.pq, "read_table", spy)
     monkeypatch.setattr(selection_task.pq.ParquetFile, "iter_batches", spy_batches)
+    monkeypatch.setattr(selection_task.pads, "dataset", spy_dataset)
     pick_batch(_cfg(), "alges-img-kcenter", str(manifest), str(scores), seed=0)
-    assert ("alges_img",) in seen and all(set(c) <= {"frame_id", "error", "alges_img"} and c for c in seen)
+    assert ("alges_img",) in seen and ("dataset", "frame_id", "error") in seen  # issue 23.12: every read path
+    assert all(set(c) - {"dataset"} <= {"frame_id", "error", "alges_img"} and c for c in seen), seen
 
 
 def test_score_rows_land_in_id_order_across_files_and_batches(tmp_path, monkeypatch):
@@ -142,9 +158,27 @@ def test_time_gap_takes_labeled_frames_times_from_the_pool_once_they_are_png_fil
 def test_shard_count_follows_the_column_bytes_and_device_memory(tmp_path):
     _, scores, ids, x = _run(tmp_path)
     assert column_bytes(scores, "alges_img", 2) == len(ids) * x.shape[1] * 2
+    # issue 23.6: half storage on the CPU also holds the float32 copy the task loads first
+    n, d = x.shape
+    assert selection_bytes(scores, "alges_img", "float32", "cpu") == n * d * 4
+    assert selection_bytes(scores, "alges_img", "bfloat16", "cpu") == n * d * 4 + n * 24 * 2  # d=12 -> 18 -> 24
+    assert selection_bytes(scores, "alges_img", "bfloat16", "cuda") == n * 24 * 2
     assert shards_needed(1000, 10_000) == 1
     assert shards_needed(10_000, 10_000) == 2  # needs 1.5x headroom
     assert shards_needed(40_000, 10_000) == 6
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "margin", "least-confidence", "random"])
+def test_ranking_rules_ignore_selection_shards_and_pick_on_one_device(tmp_path, strategy):
+    # issue 23.1: `--set selection.shards=2` with a ranking rule failed with "error: device"
+    manifest, scores, _, _ = _run(tmp_path)
+    for part in scores.glob("*.parquet"):  # the fixture writes entropy only: give every ranking rule a column
+        t = pq.read_table(part)
+        pq.write_table(t.append_column("margin", t["entropy"]).append_column("least_confidence", t["entropy"]), part)
+    one = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=5)
+    two = pick_batch(_cfg("selection.shards=2"), strategy, str(manifest), str(scores), seed=5, n_shards=2)
+    assert one["frame_id"] == two["frame_id"] and len(two["frame_id"]) == 15
+    assert two["n_shards"] == 1
 
 
 @pytest.mark.ray
@@ -156,3 +190,36 @@ def test_sharded_over_actors_picks_what_one_device_picks(ray_local, tmp_path, st
     two = pick_batch(_cfg(), strategy, str(manifest), str(scores), seed=5, n_shards=2)
     assert one["frame_id"] == two["frame_id"]
     np.testing.assert_allclose(one["value"], two["value"], rtol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", ["auto", 5])
+def test_a_shard_count_the_cluster_cannot_place_is_refused_before_any_actor(ray_local, tmp_path, monkeypatch, shards):
+    # issue 23.4: 5 actors of one CPU each on the tests' 4-CPU instance used to wait forever
+    from alges_dist.distributed import sharded_selection
+
+    manifest, scores, _, _ = _run(tmp_path)
+    monkeypatch.setattr(sharded_selection, "ShardedPool", None)  # never reached
+    resolved = "selection.shards=auto resolved to 5 for the 'alges_img' column" if shards == "auto" else \
+        "selection.shards=5"
+    with pytest.raises(ValueError, match=rf"{resolved}: 5 selection shards need 5 CPUs .* has 4"):
+        pick_batch(_cfg(f"selection.shards={shards}"), "alges-img-kcenter", str(manifest), str(scores), seed=0,
+                   n_shards=5)
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "alges-img-kcenter", "alges-img"])
+def test_a_batch_short_of_the_budget_fails_naming_the_undecodable_frames(tmp_path, strategy):
+    # issue 23.5: 7 picks for a budget of 8 were only a warning in the worker, and the run went on
+    manifest, scores, ids, _ = _run(tmp_path, n=30)  # 20 labeled, 10 not
+    broken = set(ids[25:28])
+    for part in scores.glob("*.parquet"):
+        t = pq.read_table(part)
+        error = [f"{f}: unreadable" if f in broken else e for f, e in zip(t["frame_id"].to_pylist(),
+                                                                         t["error"].to_pylist())]
+        pq.write_table(t.set_column(1, "error", pa.array(error, pa.string())), part)
+    with pytest.raises(ValueError, match=rf"{strategy}: 7 frames can be picked, fewer than loop.budget=8 \(10 pool "
+                                         r"frames are unlabeled; 3 of them failed to decode \(listed in .*errors.parquet"):
+        pick_batch(_cfg("loop.budget=8"), strategy, str(manifest), str(scores), seed=0)
+    assert len(pick_batch(_cfg("loop.budget=7"), strategy, str(manifest), str(scores), seed=0)["frame_id"]) == 7
+

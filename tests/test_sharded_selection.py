@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from alges_dist.selection import kcenter_greedy, kmeanspp
-from alges_dist.selection_engine import TimeGap
+from alges_dist.selection import TimeGap
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,6 +52,21 @@ def test_sharded_time_gap_equals_single_device(sharded):
     with sharded([x[:333], x[333:]], gap=gap) as sh:
         for rule in (kcenter_greedy, kmeanspp):
             assert_same(rule(sh, labeled, 40, seed=3), rule(x, labeled, 40, seed=3, gap=gap))
+
+
+@pytest.mark.parametrize("rule", [kcenter_greedy, kmeanspp])
+def test_a_time_gap_that_leaves_no_candidate_fails_alike_sharded_and_on_one_device(sharded, rule):
+    # issue 23.3: sharded k-means++ raised IndexError (shard index == number of shards) instead
+    x, labeled = pool(n=120)
+    gap = TimeGap(np.zeros(120, np.int64), np.arange(120) * 1.0, 30.0)  # one video of 120 s: room for ~4 picks
+    messages = []
+    for values in (x, None):
+        with sharded([x[:60], x[60:]], gap=gap) if values is None else contextlib.nullcontext() as sh:
+            with pytest.raises(ValueError, match="min_gap_s=30.0") as err:
+                rule(x if values is not None else sh, np.zeros(120, bool), 10, seed=0,
+                     **({"gap": gap} if values is not None else {}))
+            messages.append(str(err.value))
+    assert messages[0] == messages[1]
 
 
 def test_sharded_random_fill_and_budget_checks_equal_single_device(sharded):

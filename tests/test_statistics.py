@@ -9,6 +9,7 @@ import pytest
 
 from alges_dist.statistics import (
     MIN_SEEDS_FOR_INTERVAL,
+    aulc,
     bootstrap_ci,
     frames_to_target,
     paired_difference,
@@ -45,8 +46,8 @@ def test_frames_to_target_interpolates_the_first_crossing_and_never_extrapolates
     assert frames_to_target(xs, ys, 0.1) == 10  # the first round already: its frames, not fewer
     assert frames_to_target(xs, ys, 0.81) is None  # not reached within 40 frames
     assert frames_to_target([10], [0.5], 0.5) == 10
-    with pytest.raises(ValueError, match="increase strictly"):
-        frames_to_target([10, 10], [0.1, 0.2], 0.1)
+    with pytest.raises(ValueError, match="must not decrease"):
+        frames_to_target([10, 5], [0.1, 0.2], 0.1)
     with pytest.raises(ValueError, match="equal length"):
         frames_to_target([10, 20], [0.1], 0.1)
 
@@ -117,3 +118,12 @@ def test_sign_flip_all_one_sign_reaches_the_smallest_p_and_mc_agrees_with_exact(
     assert mc.p_value == pytest.approx(exact, abs=4 * np.sqrt(exact * (1 - exact) / 40_000) + 1e-4)
     with pytest.raises(ValueError, match="non-finite"):
         sign_flip_test([0.1, float("nan")])
+
+
+def test_rounds_that_added_no_frames_neither_divide_by_zero_nor_raise():
+    # issue 23.5: a round with 0 picks repeats n_labeled; the report crashed on it
+    assert aulc([10, 10], [0.2, 0.4]) == pytest.approx(0.3)  # no span: the mean, not 0/0
+    assert aulc([10, 10, 20], [0.2, 0.4, 0.6]) == pytest.approx(0.5)  # the zero-width step adds no area
+    assert frames_to_target([10, 10, 20], [0.2, 0.4, 0.6], 0.5) == pytest.approx(15)
+    assert frames_to_target([10, 10, 20], [0.2, 0.4, 0.6], 0.3) == 10  # crossed inside the zero-width step
+

@@ -19,6 +19,7 @@ import numpy as np
 from alges_dist.annotation.codecs import coco_decode, coco_encode
 from alges_dist.annotation.cvat import frame_id_of
 from alges_dist.annotation.regions import FrameAnnotation, Region
+from alges_dist.errors import InputError
 
 #: ``info.description`` of the pre-annotation file alges writes: never imported as labels.
 PREANNOTATION_MARK = "alges pre-annotations"
@@ -64,9 +65,9 @@ def _polygons(segmentation: list, height: int, width: int) -> np.ndarray:
 def read_instances(doc: Any, source: str) -> tuple[list[FrameAnnotation], list[str]]:
     """Frame annotations from a COCO instances JSON, and the problems found."""
     if not isinstance(doc, dict) or not {"images", "annotations", "categories"} <= set(doc):
-        raise ValueError(f"{source}: a COCO instances file has 'images', 'annotations' and 'categories'")
+        raise InputError(f"{source}: a COCO instances file has 'images', 'annotations' and 'categories'")
     if str((doc.get("info") or {}).get("description", "")).startswith(PREANNOTATION_MARK):
-        raise ValueError(f"{source} holds the model's pre-annotations written by `alges export`, not people's "
+        raise InputError(f"{source} holds the model's pre-annotations written by `alges export`, not people's "
                          "labels; import the tool's COCO export after the frames were corrected")
     problems = []
     category = {c.get("id"): str(c.get("name")) for c in doc["categories"]}
@@ -93,12 +94,12 @@ def read_instances(doc: Any, source: str) -> tuple[list[FrameAnnotation], list[s
             try:
                 if isinstance(seg, dict):
                     if list(seg.get("size", [])) != [height, width]:
-                        raise ValueError(f"RLE size {seg.get('size')} differs from the image's [{height}, {width}]")
+                        raise InputError(f"RLE size {seg.get('size')} differs from the image's [{height}, {width}]")
                     mask = coco_decode(seg)
                 elif isinstance(seg, list) and seg:
                     mask = _polygons(seg, height, width)
                 else:
-                    raise ValueError("has no segmentation (a box alone is not a mask)")
+                    raise InputError("has no segmentation (a box alone is not a mask)")
             except ValueError as err:
                 problems.append(f"{where}, {spot}: {err}")
                 continue
@@ -111,5 +112,5 @@ def read_export_file(path: Path) -> tuple[list[FrameAnnotation], list[str]]:
     try:
         doc = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not JSON ({err})") from None
+        raise InputError(f"{path}: not JSON ({err})") from None
     return read_instances(doc, str(path))

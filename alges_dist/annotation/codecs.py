@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from alges_dist.errors import InputError
+
 # ---------------------------------------------------------------------------- runs
 
 
@@ -49,16 +51,16 @@ def _binary_runs(flat: np.ndarray) -> list[int]:
 def _expand_binary_runs(counts: list[int] | np.ndarray, n: int, what: str) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 1 or (counts < 0).any():
-        raise ValueError(f"{what}: run lengths must be a flat list of integers >= 0")
+        raise InputError(f"{what}: run lengths must be a flat list of integers >= 0")
     if int(counts.sum()) != n:
-        raise ValueError(f"{what}: run lengths sum to {int(counts.sum())}, expected {n} pixels")
+        raise InputError(f"{what}: run lengths sum to {int(counts.sum())}, expected {n} pixels")
     return np.repeat(np.arange(len(counts)) % 2 == 1, counts)
 
 
 def _as_bool_mask(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"a mask must be (H, W), got shape {mask.shape}")
+        raise InputError(f"a mask must be (H, W), got shape {mask.shape}")
     return mask.astype(bool, copy=False)
 
 
@@ -114,7 +116,7 @@ class _BitReader:
 
     def read(self, n: int) -> int:
         if self.pos + n > len(self.text):
-            raise ValueError(f"brush RLE ends early: needs {n} more bits at bit {self.pos} of {len(self.text)}")
+            raise InputError(f"brush RLE ends early: needs {n} more bits at bit {self.pos} of {len(self.text)}")
         value = int(self.text[self.pos:self.pos + n], 2)
         self.pos += n
         return value
@@ -122,7 +124,7 @@ class _BitReader:
     def words(self, count: int, size: int) -> np.ndarray:
         end = self.pos + count * size
         if end > len(self.bits):
-            raise ValueError(f"brush RLE ends early: {count} literal values at bit {self.pos} of {len(self.bits)}")
+            raise InputError(f"brush RLE ends early: {count} literal values at bit {self.pos} of {len(self.bits)}")
         block = self.bits[self.pos:end].reshape(count, size).astype(np.int64)  # (count, size)
         self.pos = end
         return block @ (1 << np.arange(size - 1, -1, -1, dtype=np.int64))
@@ -133,9 +135,9 @@ def brush_decode_values(rle: list[int] | bytes) -> np.ndarray:
     try:
         data = bytes(rle)
     except (TypeError, ValueError):
-        raise ValueError("brush RLE must be a list of byte values 0..255") from None
+        raise InputError("brush RLE must be a list of byte values 0..255") from None
     if len(data) * 8 < _BRUSH_HEADER_BITS:
-        raise ValueError(f"brush RLE of {len(data)} bytes is shorter than its {_BRUSH_HEADER_BITS}-bit header")
+        raise InputError(f"brush RLE of {len(data)} bytes is shorter than its {_BRUSH_HEADER_BITS}-bit header")
     reader = _BitReader(data)
     num = reader.read(32)
     word_size = reader.read(5) + 1
@@ -146,7 +148,7 @@ def brush_decode_values(rle: list[int] | bytes) -> np.ndarray:
         repeat = reader.read(1)
         j = i + 1 + reader.read(rle_sizes[reader.read(2)])
         if j > num:
-            raise ValueError(f"brush RLE: a run reaches value {j} of a {num}-value stream")
+            raise InputError(f"brush RLE: a run reaches value {j} of a {num}-value stream")
         if repeat:
             out[i:j] = reader.read(word_size)
         else:
@@ -162,7 +164,7 @@ def brush_decode(rle: list[int] | bytes, height: int, width: int) -> np.ndarray:
     """
     values = brush_decode_values(rle)
     if values.size != height * width * 4:
-        raise ValueError(f"brush RLE holds {values.size} values, but a {width}x{height} RGBA image "
+        raise InputError(f"brush RLE holds {values.size} values, but a {width}x{height} RGBA image "
                          f"has {height * width * 4} (width x height)")
     return values.reshape(height, width, 4)[:, :, 3].astype(np.uint8)  # (H, W) alpha
 
@@ -190,7 +192,7 @@ def cvat_encode(mask: np.ndarray) -> CvatMask:
     mask = _as_bool_mask(mask)
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
-        raise ValueError("an empty mask has no CVAT encoding (CVAT shapes cover at least one pixel)")
+        raise InputError("an empty mask has no CVAT encoding (CVAT shapes cover at least one pixel)")
     top, left, bottom, right = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
     counts = _binary_runs(mask[top:bottom, left:right].ravel())
     return CvatMask(counts, left, top, right - left, bottom - top)
@@ -203,7 +205,7 @@ def cvat_decode(shape: CvatMask, height: int, width: int) -> np.ndarray:
     """
     counts, left, top, w, h = shape
     if w <= 0 or h <= 0 or left < 0 or top < 0 or left + w > width or top + h > height:
-        raise ValueError(f"mask box left={left} top={top} width={w} height={h} does not fit in the "
+        raise InputError(f"mask box left={left} top={top} width={w} height={h} does not fit in the "
                          f"{width}x{height} image")
     box = _expand_binary_runs(counts, w * h, f"mask box {w}x{h}").reshape(h, w)
     out = np.zeros((height, width), bool)
@@ -238,10 +240,10 @@ def _coco_decompress(text: str) -> list[int]:
         x, k, more = 0, 0, True
         while more:
             if p >= len(data):
-                raise ValueError("COCO RLE string ends inside a count")
+                raise InputError("COCO RLE string ends inside a count")
             c = data[p] - 48
             if not 0 <= c < 64:
-                raise ValueError(f"COCO RLE string has {chr(data[p])!r} at {p}, outside the 64 characters it uses")
+                raise InputError(f"COCO RLE string has {chr(data[p])!r} at {p}, outside the 64 characters it uses")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p, k = p + 1, k + 1
@@ -267,11 +269,11 @@ def coco_encode(mask: np.ndarray) -> dict:
 def coco_decode(rle: dict) -> np.ndarray:
     """The bool mask ``(H, W)`` of a COCO RLE (compressed string or uncompressed list counts)."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"a COCO RLE needs 'size' and 'counts', got {type(rle).__name__} "
+        raise InputError(f"a COCO RLE needs 'size' and 'counts', got {type(rle).__name__} "
                          f"{sorted(rle) if isinstance(rle, dict) else ''}")
     size = rle["size"]
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s >= 0 for s in size)):
-        raise ValueError(f"COCO RLE size must be [height, width], got {size!r}")
+        raise InputError(f"COCO RLE size must be [height, width], got {size!r}")
     height, width = size
     counts = rle["counts"]
     if isinstance(counts, bytes):

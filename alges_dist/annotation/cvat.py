@@ -19,6 +19,7 @@ import numpy as np
 
 from alges_dist.annotation.codecs import CvatMask, cvat_decode, cvat_encode
 from alges_dist.annotation.regions import FrameAnnotation, Region
+from alges_dist.errors import InputError
 
 BACKGROUND = "background"  # CVAT's implicit label for unannotated pixels
 #: Marks the pre-annotation file alges writes, so it is never imported as people's labels.
@@ -77,7 +78,7 @@ def _int(element: ET.Element, key: str, where: str) -> int:
     try:
         return int(float(element.attrib[key]))
     except (KeyError, ValueError):
-        raise ValueError(f"{where}: attribute {key!r} missing or not a number") from None
+        raise InputError(f"{where}: attribute {key!r} missing or not a number") from None
 
 
 def _polygon(points: str, height: int, width: int, where: str, *, box: tuple[float, ...] | None = None) -> np.ndarray:
@@ -91,7 +92,7 @@ def _polygon(points: str, height: int, width: int, where: str, *, box: tuple[flo
         try:
             xy = [tuple(float(v) for v in p.split(",")) for p in points.split(";") if p.strip()]
         except ValueError:
-            raise ValueError(f"{where}: points {points[:40]!r} are not 'x,y;x,y;...'") from None
+            raise InputError(f"{where}: points {points[:40]!r} are not 'x,y;x,y;...'") from None
         if len(xy) >= 3:
             draw.polygon(xy, fill=1, outline=1)
     return np.array(canvas, dtype=bool)
@@ -102,17 +103,17 @@ def _shape_region(shape: ET.Element, height: int, width: int, where: str) -> Reg
     z_order = _int(shape, "z_order", where) if "z_order" in shape.attrib else 0
     rotation = float(shape.attrib.get("rotation", 0) or 0)
     if rotation != 0:
-        raise ValueError(f"{where}: rotation is {rotation}; only unrotated shapes are segmentation labels")
+        raise InputError(f"{where}: rotation is {rotation}; only unrotated shapes are segmentation labels")
     if shape.tag == "mask":
         try:
             counts = [int(float(c)) for c in shape.attrib["rle"].split(",")]
         except (KeyError, ValueError):
-            raise ValueError(f"{where}: mask has no valid 'rle' list") from None
+            raise InputError(f"{where}: mask has no valid 'rle' list") from None
         box = CvatMask(counts, *(_int(shape, k, where) for k in ("left", "top", "width", "height")))
         try:
             mask = cvat_decode(box, height, width)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise InputError(f"{where}: {err}") from None
     elif shape.tag == "polygon":
         mask = _polygon(shape.attrib.get("points", ""), height, width, where)
     else:  # box
@@ -124,14 +125,14 @@ def _shape_region(shape: ET.Element, height: int, width: int, where: str) -> Reg
 def read_xml(text: str | bytes, source: str) -> tuple[list[FrameAnnotation], list[str]]:
     """Frame annotations from a "CVAT for images 1.1" annotations.xml, and the problems found."""
     if (PREANNOTATION_MARK.encode() if isinstance(text, bytes) else PREANNOTATION_MARK) in text[:300]:
-        raise ValueError(f"{source} holds the model's pre-annotations written by `alges export`, not people's "
+        raise InputError(f"{source} holds the model's pre-annotations written by `alges export`, not people's "
                          "labels; import what CVAT exports after the frames were corrected")
     try:
         root = ET.fromstring(text)
     except ET.ParseError as err:
-        raise ValueError(f"{source}: not valid XML ({err})") from None
+        raise InputError(f"{source}: not valid XML ({err})") from None
     if root.tag != "annotations":
-        raise ValueError(f"{source}: the root element is <{root.tag}>, CVAT for images 1.1 has <annotations>")
+        raise InputError(f"{source}: the root element is <{root.tag}>, CVAT for images 1.1 has <annotations>")
     problems = []
     if root.find("track") is not None:
         problems.append(f"{source}: has <track> elements (a video task); create the CVAT task from the exported "
@@ -172,9 +173,9 @@ def _labelmap(text: str, source: str) -> dict[tuple[int, int, int], str]:
         try:
             rgb = tuple(int(v) for v in rest.split(":")[0].split(","))
         except ValueError:
-            raise ValueError(f"{source}, labelmap.txt line {n}: {line!r} is not name:R,G,B::") from None
+            raise InputError(f"{source}, labelmap.txt line {n}: {line!r} is not name:R,G,B::") from None
         if len(rgb) != 3:
-            raise ValueError(f"{source}, labelmap.txt line {n}: {line!r} has no R,G,B colour")
+            raise InputError(f"{source}, labelmap.txt line {n}: {line!r} has no R,G,B colour")
         colours[rgb] = name.strip()
     return colours
 
@@ -210,7 +211,7 @@ def read_export(path: Path) -> tuple[list[FrameAnnotation], list[str]]:
             files = {p.relative_to(path).as_posix(): p.read_bytes()
                      for p in [path / "labelmap.txt", *sorted((path / "SegmentationClass").glob("*.png"))]}
             return read_segmentation_masks(files, str(path))
-        raise ValueError(f"{path}: a CVAT export folder holds annotations.xml or labelmap.txt + SegmentationClass/")
+        raise InputError(f"{path}: a CVAT export folder holds annotations.xml or labelmap.txt + SegmentationClass/")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -220,6 +221,6 @@ def read_export(path: Path) -> tuple[list[FrameAnnotation], list[str]]:
                 return read_segmentation_masks(
                     {n: archive.read(n) for n in names if n == "labelmap.txt" or n.startswith("SegmentationClass/")},
                     str(path))
-        raise ValueError(f"{path}: the zip holds neither annotations.xml (CVAT for images 1.1) nor labelmap.txt "
+        raise InputError(f"{path}: the zip holds neither annotations.xml (CVAT for images 1.1) nor labelmap.txt "
                          "(Segmentation mask 1.1)")
     return read_xml(path.read_bytes(), str(path))

@@ -28,6 +28,7 @@ import numpy as np
 from alges_dist.annotation import coco, cvat, labelstudio
 from alges_dist.annotation.regions import FrameAnnotation
 from alges_dist.data.atomic import atomic_directory, atomic_path, atomic_write_text
+from alges_dist.errors import InputError
 
 EXPORT_RECORD = "alges_export.json"
 #: The files write_export makes: never read back as people's labels.
@@ -66,13 +67,13 @@ class ToolLabels(NamedTuple):
 
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown annotation format {fmt!r}; valid: {list(FORMATS)}")
+        raise InputError(f"unknown annotation format {fmt!r}; valid: {list(FORMATS)}")
     return fmt
 
 
 def _image_name(frame: ExportFrame) -> str:
     if "/" in frame.frame_id or "\\" in frame.frame_id or frame.frame_id in ("", ".", ".."):
-        raise ValueError(f"frame_id {frame.frame_id!r} cannot be a file name; export needs ids without slashes")
+        raise InputError(f"frame_id {frame.frame_id!r} cannot be a file name; export needs ids without slashes")
     return f"{frame.frame_id}{frame.image.suffix.lower() or '.png'}"
 
 
@@ -180,7 +181,7 @@ def write_export(frames: Sequence[ExportFrame], fmt: str, dest: Path, *, class_n
         try:
             images_url = f"/data/local-files/?d={(dest / 'images').resolve().relative_to(root.resolve()).as_posix()}"
         except ValueError:
-            raise ValueError(f"export folder {dest} is not inside the Label Studio document root {root}") from None
+            raise InputError(f"export folder {dest} is not inside the Label Studio document root {root}") from None
     names = [_image_name(f) for f in frames]
     if dest.exists():
         if not (dest / EXPORT_RECORD).is_file():
@@ -206,7 +207,7 @@ def detect_format(source: Path) -> str:
     if source.is_dir():
         if (source / "annotations.xml").is_file() or (source / "labelmap.txt").is_file():
             return "cvat"
-        raise ValueError(f"{source} is a folder without annotations.xml or labelmap.txt; pass the tool's export "
+        raise InputError(f"{source} is a folder without annotations.xml or labelmap.txt; pass the tool's export "
                          "file (Label Studio JSON, CVAT XML/zip, COCO JSON)")
     if not source.is_file():
         raise FileNotFoundError(f"annotation export {source} does not exist")
@@ -220,7 +221,7 @@ def detect_format(source: Path) -> str:
             return "labelstudio"
         if head.startswith(b"{"):
             return "coco"
-    raise ValueError(f"cannot tell the format of {source}: expected Label Studio JSON (a list of tasks), "
+    raise InputError(f"cannot tell the format of {source}: expected Label Studio JSON (a list of tasks), "
                      "COCO instances JSON, CVAT XML or a CVAT zip; pass --format")
 
 
@@ -232,7 +233,7 @@ def read_annotations(source: Path, fmt: str | None, class_names: Sequence[str], 
         raise FileNotFoundError(f"annotation export {source} does not exist")
     folder = source if source.is_dir() else source.parent
     if (folder / EXPORT_RECORD).is_file() and (source.is_dir() or source.name in EXPORT_FILES):
-        raise ValueError(f"{source} is the batch alges exported (the model's pre-annotations), not the tool's "
+        raise InputError(f"{source} is the batch alges exported (the model's pre-annotations), not the tool's "
                          "export of people's labels; import what the tool exports after the frames were corrected")
     fmt = check_format(fmt) if fmt else detect_format(source)
     tool = _TOOLS[fmt]

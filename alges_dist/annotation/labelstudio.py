@@ -20,6 +20,7 @@ import numpy as np
 
 from alges_dist.annotation.codecs import brush_decode, brush_encode
 from alges_dist.annotation.regions import FrameAnnotation, Region
+from alges_dist.errors import InputError
 
 BRUSH = "tag"  # the BrushLabels control's name (results' from_name)
 POLYGON = "poly"  # the PolygonLabels control's name
@@ -47,7 +48,7 @@ def label_names_of_config(config: str) -> set[str]:
     try:
         return {label.attrib.get("value", "") for label in ET.fromstring(config).iter("Label")}
     except ET.ParseError as err:
-        raise ValueError(f"the labeling config is not valid XML ({err})") from None
+        raise InputError(f"the labeling config is not valid XML ({err})") from None
 
 
 def brush_results(class_ids: np.ndarray, class_names: Sequence[str], *, prefix: str = "") -> list[dict[str, Any]]:
@@ -87,7 +88,7 @@ def _polygon_mask(points: Any, height: int, width: int, where: str) -> np.ndarra
     try:
         xy = [(float(x) * width / 100, float(y) * height / 100) for x, y in points]
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: polygon points must be [[x%, y%], ...]") from None
+        raise InputError(f"{where}: polygon points must be [[x%, y%], ...]") from None
     canvas = Image.new("1", (width, height), 0)
     if len(xy) >= 3:
         ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
@@ -123,7 +124,7 @@ def _regions(results: list[dict[str, Any]], where: str, problems: list[str]) -> 
         try:
             if kind == "brushlabels":
                 if value.get("format", "rle") != "rle" or "rle" not in value:
-                    raise ValueError(f"{spot}: brush value has no 'rle' (format {value.get('format')!r})")
+                    raise InputError(f"{spot}: brush value has no 'rle' (format {value.get('format')!r})")
                 mask = brush_decode(value["rle"], height, width) >= ALPHA_PAINTED
             else:
                 mask = _polygon_mask(value.get("points") or [], height, width, spot)
@@ -146,7 +147,7 @@ def read_export(tasks: Any, source: str, *, pick_latest: bool = False) -> tuple[
     most recently updated wins). A task without any is left out (so its pick is missing).
     """
     if not isinstance(tasks, list):
-        raise ValueError(f"{source}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
+        raise InputError(f"{source}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
     out, problems = [], []
     for n, item in enumerate(tasks):
         task_id = item.get("id", f"#{n}") if isinstance(item, dict) else f"#{n}"
@@ -180,5 +181,5 @@ def read_export_file(path: Path, *, pick_latest: bool = False) -> tuple[list[Fra
     try:
         tasks = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not JSON ({err})") from None
+        raise InputError(f"{path}: not JSON ({err})") from None
     return read_export(tasks, str(path), pick_latest=pick_latest)

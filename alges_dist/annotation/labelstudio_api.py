@@ -16,10 +16,12 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from alges_dist.errors import AlgesError, InputError
+
 log = logging.getLogger(__name__)
 
 
-class LabelStudioError(RuntimeError):
+class LabelStudioError(AlgesError, RuntimeError):
     """A request Label Studio refused or could not answer; names the method, path and status."""
 
 
@@ -28,7 +30,7 @@ class LabelStudioClient:
 
     def __init__(self, url: str, token: str, *, timeout_seconds: float = 60.0):
         if not token:
-            raise ValueError("the Label Studio token is empty")
+            raise InputError("the Label Studio token is empty")
         self.url = url.rstrip("/")
         self._token = token
         self.timeout_seconds = timeout_seconds
@@ -102,6 +104,6 @@ def client_from_env(url: str, token_env: str, environ: dict[str, str] | None = N
     environ = os.environ if environ is None else environ
     token = environ.get(token_env, "")
     if not token:
-        raise ValueError(f"environment variable {token_env} (labelstudio.token_env) is not set: export the "
+        raise InputError(f"environment variable {token_env} (labelstudio.token_env) is not set: export the "
                          "Label Studio API token there (Account & Settings > Access Token)")
     return LabelStudioClient(url, token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from alges_dist.data.manifest import MaskEncoding
+from alges_dist.errors import InputError
 
 
 def _first_key_of_each_class(encoding: MaskEncoding) -> dict[int, str]:
@@ -38,12 +39,12 @@ def encode_class_ids(ids: np.ndarray, encoding: MaskEncoding) -> np.ndarray:
     value in ``class_map``, or ignored pixels in a pool without ignore values).
     """
     if ids.ndim != 2:
-        raise ValueError(f"class ids must be (H, W), got shape {ids.shape}")
+        raise InputError(f"class ids must be (H, W), got shape {ids.shape}")
     present = {int(v) for v in np.unique(ids)}
     n = encoding.n_classes
     bad = sorted(v for v in present if v >= n and v != encoding.ignore_index)
     if bad:
-        raise ValueError(f"class ids {bad} are outside 0..{n - 1} and not the ignore index {encoding.ignore_index}")
+        raise InputError(f"class ids {bad} are outside 0..{n - 1} and not the ignore index {encoding.ignore_index}")
     if encoding.mode == "threshold":
         # decode: value > threshold -> 1; threshold <= 254, so 255 is always class 1
         spelled = {0: "0", 1: "255"}
@@ -56,7 +57,7 @@ def encode_class_ids(ids: np.ndarray, encoding: MaskEncoding) -> np.ndarray:
     if missing:
         what = ["ignored pixels (the pool has no ignore value)" if v == encoding.ignore_index
                 else f"class {v} ({encoding.class_names[v]!r}: no value maps to it)" for v in missing]
-        raise ValueError(f"the pool's mask encoding cannot write {', '.join(what)}")
+        raise InputError(f"the pool's mask encoding cannot write {', '.join(what)}")
     channels = 3 if encoding.mode == "rgb" else 1
     table = np.zeros((256, channels), np.uint8)  # class id -> raw value(s)
     for class_id, key in spelled.items():

@@ -17,6 +17,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from alges_dist.errors import InputError
+
 #: Class id of a pixel no region covers, before the unpainted policy is applied.
 UNPAINTED = -1
 #: Problems listed in one error before "... and N more".
@@ -43,7 +45,7 @@ class FrameAnnotation(NamedTuple):
     seconds: float | None = None  # annotation time the tool reports (Label Studio's lead_time)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(InputError):
     """An export that cannot be imported; the message lists each problem with its frame and file."""
 
     def __init__(self, problems: Sequence[str]):
@@ -171,5 +173,5 @@ def correction_effort(frame_id: str, labels: np.ndarray, predicted: np.ndarray,
                       seconds: float | None = None) -> CorrectionEffort:
     """Pixels where the imported label map differs from the predicted one (both ``(H, W)``)."""
     if labels.shape != predicted.shape:
-        raise ValueError(f"frame {frame_id!r}: labels {labels.shape} and pre-annotation {predicted.shape} differ in size")
+        raise InputError(f"frame {frame_id!r}: labels {labels.shape} and pre-annotation {predicted.shape} differ in size")
     return CorrectionEffort(frame_id, int(labels.size), int(np.count_nonzero(labels != predicted)), seconds)

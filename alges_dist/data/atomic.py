@@ -20,8 +20,18 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_dir
 
 
 def _temp_sibling(target: Path) -> Path:
-    """A fresh hidden name next to ``target`` (same folder, so same file system)."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    """A fresh hidden name next to ``target`` (same folder, so same file system):
+    ``.NAME.PID-HEX.tmp``. The writer's PID tells a run folder's crash-litter cleanup
+    (``run_folder.remove_crash_litter``) to leave a live process's temp alone: a reader such
+    as ``alges report`` writes beside a writer without the lock."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
+
+
+def temp_owner(path: Path) -> int | None:
+    """The PID that made the temp sibling ``path`` (None: a name without one)."""
+    stem = path.name[:-len(".tmp")] if path.name.endswith(".tmp") else ""
+    pid, dash, _ = stem.rpartition(".")[2].partition("-")
+    return int(pid) if dash and pid.isdigit() else None
 
 
 def _fsync_dir(folder: Path) -> None:

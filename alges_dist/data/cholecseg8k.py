@@ -34,6 +34,7 @@ import pyarrow as pa
 from alges_dist.data.frames import FrameDecodeError
 from alges_dist.data.manifest import SPLITS, MaskEncoding, make_manifest, write_manifest
 from alges_dist.data.sources import natural_key, validate_frames
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,12 @@ def split_frame_counts(split_videos: dict[str, list[str]], frames_per_video: dic
 def _video_to_split(split_videos: dict[str, list[str]]) -> dict[str, str]:
     unknown = sorted(set(split_videos) - set(SPLITS))
     if unknown:
-        raise ValueError(f"split_videos has split(s) {unknown}; allowed: {list(SPLITS)}")
+        raise InputError(f"split_videos has split(s) {unknown}; allowed: {list(SPLITS)}")
     split_of: dict[str, str] = {}
     for split, videos in split_videos.items():
         for video in videos:
             if video in split_of:
-                raise ValueError(f"split_videos puts {video} in both {split_of[video]!r} and {split!r}")
+                raise InputError(f"split_videos puts {video} in both {split_of[video]!r} and {split!r}")
             split_of[video] = split
     return split_of
 
@@ -175,13 +176,13 @@ def ingest_cholecseg8k(
         (p for p in root.iterdir() if p.is_dir() and _VIDEO_DIR.fullmatch(p.name)), key=lambda p: natural_key(p.name)
     )
     if not video_dirs:
-        raise ValueError(
+        raise InputError(
             f"{root} holds no videoNN folders; expected root/videoNN/videoNN_XXXXX/frame_N_endo.png "
             "(point --root at the folder that contains video01, video09, ...)"
         )
     unassigned = [p.name for p in video_dirs if p.name not in split_of]
     if unassigned:
-        raise ValueError(
+        raise InputError(
             f"videos {unassigned} under {root} are not in split_videos {split_videos}; assign every video to a split"
         )
     absent = sorted(set(split_of) - {p.name for p in video_dirs}, key=natural_key)
@@ -197,7 +198,7 @@ def ingest_cholecseg8k(
             key=lambda p: natural_key(p.name),
         )
         if not clip_dirs:
-            raise ValueError(f"{video_dir} holds no clip folders named {video}_XXXXX")
+            raise InputError(f"{video_dir} holds no clip folders named {video}_XXXXX")
         for clip_dir in clip_dirs:
             for image_path in sorted(clip_dir.iterdir(), key=lambda p: natural_key(p.name)):
                 match = _FRAME_FILE.fullmatch(image_path.name)
@@ -205,7 +206,7 @@ def ingest_cholecseg8k(
                     continue
                 number = int(match.group(1))
                 if number in seen:
-                    raise ValueError(
+                    raise InputError(
                         f"duplicate frame id {video}_{number:06d}: {seen[number]} and {image_path}"
                     )
                 seen[number] = image_path
@@ -214,7 +215,7 @@ def ingest_cholecseg8k(
                     raise FileNotFoundError(f"missing watershed mask {mask_path} for frame {image_path}")
                 rows.append((f"{video}_{number:06d}", video, number, image_path, mask_path))
     if not rows:
-        raise ValueError(f"no frame_N_endo.png files under {root}")
+        raise InputError(f"no frame_N_endo.png files under {root}")
     rows.sort(key=lambda r: (natural_key(r[1]), r[2]))
 
     image_uris = [str(r[3].resolve()) for r in rows]

@@ -35,6 +35,7 @@ from PIL import Image
 
 from alges_dist.data.atomic import atomic_directory
 from alges_dist.data.manifest import MaskEncoding
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,11 @@ def demo_pool(
     """
     for name, value, low in (("n_videos", n_videos, 3), ("frames_per_video", frames_per_video, 2), ("size", size, 32)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if size % 2:
-        raise ValueError(f"size must be even (H.264 stores colour at half resolution), got {size}")
+        raise InputError(f"size must be even (H.264 stores colour at half resolution), got {size}")
     if source not in ("video", "frames"):
-        raise ValueError(f"source must be 'video' or 'frames', got {source!r}")
+        raise InputError(f"source must be 'video' or 'frames', got {source!r}")
     params = {"version": GENERATOR_VERSION, "seed": int(seed), "n_videos": n_videos,
               "frames_per_video": frames_per_video, "size": size, "source": source}  # fmt: skip
     folder = _pool_folder(cache_dir, params)

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from alges_dist.data.manifest import MaskEncoding
 from alges_dist.data.video import VideoError, parse_video_uri, read_frame
+from alges_dist.errors import InputError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -54,7 +55,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 _RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
 
-class FrameDecodeError(ValueError):
+class FrameDecodeError(InputError):
     """A frame or mask file that cannot be used; the message names the file and why."""
 
 
@@ -103,7 +104,7 @@ def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
-        raise ValueError(f"size must be (height, width) with positive ints, got {size!r}")
+        raise InputError(f"size must be (height, width) with positive ints, got {size!r}")
     return int(size[0]), int(size[1])
 
 
@@ -308,11 +309,11 @@ def normalize_images(images: np.ndarray | torch.Tensor, mode: str = "imagenet") 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
     if x.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (raw pixels), got {x.dtype}")
+        raise InputError(f"images must be uint8 (raw pixels), got {x.dtype}")
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must have shape (B, H, W, 3), got {tuple(x.shape)}")
+        raise InputError(f"images must have shape (B, H, W, 3), got {tuple(x.shape)}")
     if mode not in ("imagenet", "none"):
-        raise ValueError(f"normalize mode must be 'imagenet' or 'none', got {mode!r}")
+        raise InputError(f"normalize mode must be 'imagenet' or 'none', got {mode!r}")
     x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
     if mode == "none":
         return x.contiguous()
@@ -337,7 +338,7 @@ class FrameDataset(Dataset):
         self.mask_uris: list[str | None] = table.column("mask_uri").to_pylist()
         missing = [f for f, m in zip(self.frame_ids, self.mask_uris) if m is None]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"FrameDataset needs a mask for every row; {len(missing)} rows have mask_uri null "
                 f"(first frame_id {missing[0]!r}); filter to labeled or val/test rows first"
             )

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from alges_dist.data.atomic import atomic_path
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +77,22 @@ def _canonical_key(key: Any, mode: str) -> str:
         elif isinstance(key, (tuple, list)):
             parts = list(key)
         else:
-            raise ValueError(f"colour key {key!r} must be 'R,G,B' or a 3-tuple of 0..255")
+            raise InputError(f"colour key {key!r} must be 'R,G,B' or a 3-tuple of 0..255")
         try:
             rgb = [int(p) for p in parts]
         except (TypeError, ValueError):
-            raise ValueError(f"colour key {key!r} must be 'R,G,B' with integers 0..255") from None
+            raise InputError(f"colour key {key!r} must be 'R,G,B' with integers 0..255") from None
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-            raise ValueError(f"colour key {key!r} must be 3 integers in 0..255")
+            raise InputError(f"colour key {key!r} must be 3 integers in 0..255")
         return ",".join(str(c) for c in rgb)
     if not isinstance(key, (int, str)) or isinstance(key, bool):
-        raise ValueError(f"grey key {key!r} must be an integer 0..255")
+        raise InputError(f"grey key {key!r} must be an integer 0..255")
     try:
         value = int(key)
     except ValueError:
-        raise ValueError(f"grey key {key!r} must be an integer 0..255") from None
+        raise InputError(f"grey key {key!r} must be an integer 0..255") from None
     if not 0 <= value <= 255:
-        raise ValueError(f"grey key {key!r} is outside 0..255 (masks are 8-bit)")
+        raise InputError(f"grey key {key!r} is outside 0..255 (masks are 8-bit)")
     return str(value)
 
 
@@ -124,10 +125,10 @@ class MaskEncoding(BaseModel):
     @classmethod
     def _names_unique(cls, names: list[str]) -> list[str]:
         if not names:
-            raise ValueError("class_names is empty; give one name per class id")
+            raise InputError("class_names is empty; give one name per class id")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"class_names repeats {dupes}; each class needs its own name")
+            raise InputError(f"class_names repeats {dupes}; each class needs its own name")
         return names
 
     @model_validator(mode="before")
@@ -150,28 +151,28 @@ class MaskEncoding(BaseModel):
     def _consistent(self) -> MaskEncoding:
         n = len(self.class_names)
         if not n <= self.ignore_index <= 255:
-            raise ValueError(
+            raise InputError(
                 f"ignore_index {self.ignore_index} must lie in {n}..255 "
                 f"(above the class ids 0..{n - 1}, inside uint8)"
             )
         if self.mode == "threshold":
             if self.threshold is None or not 0 <= self.threshold <= 254:
-                raise ValueError(f"mode 'threshold' needs threshold in 0..254, got {self.threshold}")
+                raise InputError(f"mode 'threshold' needs threshold in 0..254, got {self.threshold}")
             if n != 2:
-                raise ValueError(f"mode 'threshold' gives class ids 0 and 1: class_names needs 2 names, got {n}")
+                raise InputError(f"mode 'threshold' gives class ids 0 and 1: class_names needs 2 names, got {n}")
             if self.class_map:
-                raise ValueError("mode 'threshold' takes no class_map; use mode 'lut' for a value table")
+                raise InputError("mode 'threshold' takes no class_map; use mode 'lut' for a value table")
         else:
             if self.threshold is not None:
-                raise ValueError(f"threshold is only used by mode 'threshold', not '{self.mode}'")
+                raise InputError(f"threshold is only used by mode 'threshold', not '{self.mode}'")
             if not self.class_map:
-                raise ValueError(f"mode '{self.mode}' needs a non-empty class_map")
+                raise InputError(f"mode '{self.mode}' needs a non-empty class_map")
             bad = {k: v for k, v in self.class_map.items() if not 0 <= v < n}
             if bad:
-                raise ValueError(f"class_map targets {bad} are outside the class ids 0..{n - 1} of class_names")
+                raise InputError(f"class_map targets {bad} are outside the class ids 0..{n - 1} of class_names")
         both = sorted(set(self.ignore_values) & set(self.class_map))
         if both:
-            raise ValueError(f"mask values {both} are both mapped to a class and ignored; pick one")
+            raise InputError(f"mask values {both} are both mapped to a class and ignored; pick one")
         return self
 
     @property
@@ -213,7 +214,7 @@ def validate_manifest(table: pa.Table, *, source: str = "manifest") -> pa.Table:
     missing = [c for c in expected if c not in names]
     extra = [c for c in names if c not in expected]
     if missing or extra:
-        raise ValueError(
+        raise InputError(
             f"{source}: columns do not match the manifest schema "
             f"(missing {missing}, unexpected {extra}); expected exactly {expected}"
         )
@@ -224,12 +225,12 @@ def validate_manifest(table: pa.Table, *, source: str = "manifest") -> pa.Table:
             try:
                 column = column.cast(field.type, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                raise ValueError(
+                raise InputError(
                     f"{source}: column '{field.name}' has type {column.type}, expected {field.type} ({err})"
                 ) from None
         if not field.nullable and column.null_count:
             row = _first_true(pc.is_null(column))
-            raise ValueError(
+            raise InputError(
                 f"{source}: column '{field.name}' is null at {_row_name(table, row)}; "
                 f"'{field.name}' is required for every frame"
             )
@@ -241,7 +242,7 @@ def validate_manifest(table: pa.Table, *, source: str = "manifest") -> pa.Table:
     if len(repeated):
         frame_id = repeated[0]["values"].as_py()
         rows = pc.indices_nonzero(pc.equal(out.column("frame_id"), frame_id)).to_pylist()
-        raise ValueError(
+        raise InputError(
             f"{source}: column 'frame_id' repeats {frame_id!r} at rows {rows[:5]} "
             f"({len(repeated)} repeated ids in all); frame ids must be unique"
         )
@@ -249,28 +250,28 @@ def validate_manifest(table: pa.Table, *, source: str = "manifest") -> pa.Table:
     row = _first_true(bad_split)
     if row is not None:
         value = out.column("split")[row].as_py()
-        raise ValueError(f"{source}: column 'split' has {value!r} at {_row_name(out, row)}; allowed: {list(SPLITS)}")
+        raise InputError(f"{source}: column 'split' has {value!r} at {_row_name(out, row)}; allowed: {list(SPLITS)}")
     row = _first_true(pc.less(out.column("labeled_round"), 0))
     if row is not None:
         value = out.column("labeled_round")[row].as_py()
-        raise ValueError(
+        raise InputError(
             f"{source}: column 'labeled_round' is {value} at {_row_name(out, row)}; "
             "rounds count from 0 (null = unlabeled)"
         )
     row = _first_true(pc.equal(out.column("frame_id"), ""))
     if row is not None:
-        raise ValueError(f"{source}: column 'frame_id' is empty at row {row}; every frame needs an id")
+        raise InputError(f"{source}: column 'frame_id' is empty at row {row}; every frame needs an id")
     for name in ("image_uri", "mask_uri"):
         row = _first_true(pc.invert(_is_absolute_uri(out.column(name))))
         if row is not None:
             value = out.column(name)[row].as_py()
-            raise ValueError(
+            raise InputError(
                 f"{source}: column '{name}' is {value!r} at {_row_name(out, row)}; URIs must be absolute "
                 "paths or scheme:// URIs (workers on other nodes resolve them, not this folder)"
             )
     row = _first_true(pc.and_(pc.is_valid(out.column("labeled_round")), pc.is_null(out.column("mask_uri"))))
     if row is not None:
-        raise ValueError(
+        raise InputError(
             f"{source}: {_row_name(out, row)} is labeled (labeled_round "
             f"{out.column('labeled_round')[row].as_py()}) but has no mask_uri; a labeled frame needs its mask"
         )
@@ -299,7 +300,7 @@ def check_pool_for_run(table: pa.Table, *, needs_pool_masks: bool, source: str, 
         why = "the simulated oracle evaluates test frames from their masks (people annotate them with loop.oracle: " \
             "human)" if split == "test" else (
             "the simulated oracle labels pool frames from their masks (use loop.oracle: human for unlabeled pools)")
-        raise ValueError(f"{source}: {_row_name(table, row)} in split {split!r} has no mask_uri; {why}")
+        raise InputError(f"{source}: {_row_name(table, row)} in split {split!r} has no mask_uri; {why}")
 
 
 def make_manifest(
@@ -327,7 +328,7 @@ def make_manifest(
     }
     lengths = {name: len(values) for name, values in columns.items()}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"manifest columns differ in length: {lengths}")
+        raise InputError(f"manifest columns differ in length: {lengths}")
     arrays = [pa.array(list(columns[f.name]), type=f.type) for f in MANIFEST_SCHEMA]
     return validate_manifest(pa.Table.from_arrays(arrays, names=MANIFEST_SCHEMA.names))
 
@@ -375,16 +376,16 @@ def read_encoding(path: str | os.PathLike[str]) -> MaskEncoding:
     try:
         metadata = pq.read_schema(path).metadata or {}
     except pa.ArrowInvalid as err:
-        raise ValueError(f"manifest {path} is not a readable Parquet file ({err})") from None
+        raise InputError(f"manifest {path} is not a readable Parquet file ({err})") from None
     if MASK_ENCODING_KEY not in metadata:
-        raise ValueError(
+        raise InputError(
             f"manifest {path} has no '{MASK_ENCODING_KEY.decode()}' schema metadata; "
             "write manifests with alges_dist.data.write_manifest (or an `alges ingest` command)"
         )
     try:
         return MaskEncoding.from_json(metadata[MASK_ENCODING_KEY])
     except ValidationError as err:
-        raise ValueError(f"manifest {path}: its mask encoding is invalid: {err}") from None
+        raise InputError(f"manifest {path}: its mask encoding is invalid: {err}") from None
 
 
 # ---------------------------------------------------------------------------- row helpers
@@ -393,7 +394,7 @@ def read_encoding(path: str | os.PathLike[str]) -> MaskEncoding:
 def filter_manifest(table: pa.Table, *, split: str | None = None, labeled: bool | None = None) -> pa.Table:
     """Rows of one ``split`` and/or labeled state (``labeled=False``: ``labeled_round`` null)."""
     if split is not None and split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+        raise InputError(f"split {split!r} is not one of {list(SPLITS)}")
     keep = pa.array([True] * table.num_rows)
     if split is not None:
         keep = pc.and_(keep, pc.equal(table.column("split"), split))
@@ -412,10 +413,10 @@ def mark_labeled(table: pa.Table, frame_ids: Iterable[str], round_index: int) ->
     """
     ids = list(frame_ids)
     if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 0:
-        raise ValueError(f"round_index must be an integer >= 0, got {round_index!r}")
+        raise InputError(f"round_index must be an integer >= 0, got {round_index!r}")
     repeated = sorted(i for i, count in Counter(ids).items() if count > 1)
     if repeated:
-        raise ValueError(f"frame_ids to label repeat {repeated[:5]}; each frame is labeled once")
+        raise InputError(f"frame_ids to label repeat {repeated[:5]}; each frame is labeled once")
     # Columnar (no Python object per manifest row): ~0.1 s at 10^6 rows (scripts/bench_scale.py).
     wanted = pa.array(ids, pa.string())
     hit = pc.is_in(table.column("frame_id"), value_set=wanted)
@@ -423,19 +424,19 @@ def mark_labeled(table: pa.Table, frame_ids: Iterable[str], round_index: int) ->
     if found != len(ids):
         present = set(table.column("frame_id").filter(hit).to_pylist())
         unknown = [i for i in ids if i not in present]
-        raise ValueError(f"frame_ids {unknown[:5]} ({len(unknown)} in all) are not in the manifest")
+        raise InputError(f"frame_ids {unknown[:5]} ({len(unknown)} in all) are not in the manifest")
     rows = table.filter(hit)
     labeled = rows.filter(pc.is_valid(rows.column("labeled_round")))
     if labeled.num_rows:
         frame_id, r = labeled.column("frame_id")[0].as_py(), labeled.column("labeled_round")[0].as_py()
-        raise ValueError(
+        raise InputError(
             f"frame_id {frame_id!r} (row {_row_of(table, frame_id)}) is already labeled in round {r}; "
             "labeled_round is never overwritten"
         )
     not_pool = rows.filter(pc.not_equal(rows.column("split"), "pool"))
     if not_pool.num_rows:
         frame_id, split = not_pool.column("frame_id")[0].as_py(), not_pool.column("split")[0].as_py()
-        raise ValueError(
+        raise InputError(
             f"frame_id {frame_id!r} (row {_row_of(table, frame_id)}) is in split {split!r}; only pool frames are labeled"
         )
     column = pc.if_else(hit, pa.scalar(round_index, pa.int32()), table.column("labeled_round"))
@@ -446,7 +447,7 @@ def mark_labeled(table: pa.Table, frame_ids: Iterable[str], round_index: int) ->
 def set_uris(table: pa.Table, column: str, uris: dict[str, str]) -> pa.Table:
     """``table`` with ``column`` (``mask_uri`` or ``image_uri``) replaced for the frame ids in ``uris``."""
     if column not in ("mask_uri", "image_uri"):
-        raise ValueError(f"set_uris changes mask_uri or image_uri, not {column!r}")
+        raise InputError(f"set_uris changes mask_uri or image_uri, not {column!r}")
     if not uris:
         return table
     ids = table.column("frame_id")

@@ -23,6 +23,7 @@ from alges_dist.data.manifest import (
     set_uris,
     write_manifest,
 )
+from alges_dist.errors import InputError
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -78,7 +79,7 @@ def full_data_manifest(pool: str, out: str, *, max_pixels: int | None = None) ->
     table = mark_labeled(table, masked, 0)
     labeled = filter_manifest(table, split="pool", labeled=True)
     if labeled.num_rows == 0:
-        raise ValueError(f"loop.full_data_reference: no pool frame of {pool} has a mask to train on")
+        raise InputError(f"loop.full_data_reference: no pool frame of {pool} has a mask to train on")
     table = video_frames_as_files(table, labeled["frame_id"].to_pylist(), Path(out).parent, max_pixels=max_pixels)
     write_manifest(table, out, encoding)
     return labeled.num_rows

@@ -25,6 +25,7 @@ import yaml
 
 from alges_dist.data.frames import DEFAULT_MAX_PIXELS, validate_frame
 from alges_dist.data.manifest import SPLITS, MaskEncoding, make_manifest, write_manifest
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def natural_key(text: str) -> list[int | str]:
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(not isinstance(f, (int, float)) or f < 0 for f in fractions):
-        raise ValueError(f"fractions must be 3 numbers >= 0 for (pool, val, test), got {tuple(fractions)}")
+        raise InputError(f"fractions must be 3 numbers >= 0 for (pool, val, test), got {tuple(fractions)}")
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions {tuple(fractions)} sum to {sum(fractions):.6f}; they must sum to 1")
+        raise InputError(f"fractions {tuple(fractions)} sum to {sum(fractions):.6f}; they must sum to 1")
     return float(fractions[0]), float(fractions[1]), float(fractions[2])
 
 
@@ -79,7 +80,7 @@ def split_by_ranges(n_frames: int, fractions: Sequence[float] = (0.7, 0.15, 0.15
         counts[i] += 1
     empty = [SPLITS[i] for i in range(3) if fracs[i] > 0 and counts[i] == 0]
     if empty:
-        raise ValueError(
+        raise InputError(
             f"{n_frames} frames with fractions {fracs} leave split(s) {empty} empty; "
             "add frames or set those fractions to 0"
         )
@@ -97,7 +98,7 @@ def split_by_videos(frames_per_video: dict[str, int], fractions: Sequence[float]
     videos = sorted(frames_per_video, key=natural_key)
     n_positive = sum(f > 0 for f in fracs)
     if len(videos) < n_positive:
-        raise ValueError(
+        raise InputError(
             f"{len(videos)} video(s) cannot fill {n_positive} splits with whole videos; set the unused splits' "
             f"fractions to 0: --fractions 1,0,0 (every frame in the pool)"
             + (", or --fractions 0.8,0,0.2 (test videos held out)" if len(videos) >= 2 else "")
@@ -164,13 +165,13 @@ def _list_frames(folder: Path, role: str) -> dict[str, Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         if path.stem in by_stem:
-            raise ValueError(
+            raise InputError(
                 f"duplicate frame id {path.stem!r}: {by_stem[path.stem]} and {path} share a stem; "
                 "keep one file per frame"
             )
         by_stem[path.stem] = path
     if not by_stem:
-        raise ValueError(f"{role} folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{role} folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return by_stem
 
 
@@ -208,9 +209,9 @@ def ingest_folder(
     images, out = Path(images), Path(out)
     encoding = BINARY_ENCODING if encoding is None else encoding
     if split not in SPLIT_METHODS:
-        raise ValueError(f"split {split!r} is not one of {list(SPLIT_METHODS)}")
+        raise InputError(f"split {split!r} is not one of {list(SPLIT_METHODS)}")
     if split == "video" and video_pattern is None:
-        raise ValueError("split='video' needs video_pattern (a regex with a named group 'video')")
+        raise InputError("split='video' needs video_pattern (a regex with a named group 'video')")
     pattern = _compile_video_pattern(video_pattern) if video_pattern is not None else None
 
     image_files = _list_frames(images, "images")
@@ -225,7 +226,7 @@ def ingest_folder(
             )
         no_image = sorted(set(found) - set(image_files), key=natural_key)
         if no_image:
-            raise ValueError(
+            raise InputError(
                 f"mask {found[no_image[0]]} has no image in {images} "
                 f"({len(no_image)} masks without an image, e.g. {no_image[:5]})"
             )
@@ -241,7 +242,7 @@ def ingest_folder(
         for stem in stems:
             match = pattern.search(stem)
             if match is None:
-                raise ValueError(f"{image_files[stem]}: stem {stem!r} does not match video_pattern {video_pattern!r}")
+                raise InputError(f"{image_files[stem]}: stem {stem!r} does not match video_pattern {video_pattern!r}")
             video_of[stem] = match.group("video")
             index_of[stem] = int(match.group("index")) if "index" in pattern.groupindex else None
 
@@ -300,7 +301,7 @@ def check_default_map_keeps_labels(mask_paths: Sequence[str]) -> None:
         values.update(int(v) for v in found)
     if len(values) > 1:
         suggestion = ",".join(f"{v}:{i}" for i, v in enumerate(sorted(values)))
-        raise ValueError(
+        raise InputError(
             f"every mask in {Path(mask_paths[0]).parent} decodes to class 0 with the default map (> 127 is "
             f"class 1), but the masks hold the values {sorted(values)}: they look like class-id masks. "
             f"Give their map, e.g. --class-map '{suggestion}'")
@@ -310,9 +311,9 @@ def _compile_video_pattern(video_pattern: str) -> re.Pattern[str]:
     try:
         pattern = re.compile(video_pattern)
     except re.error as err:
-        raise ValueError(f"video_pattern {video_pattern!r} is not a valid regex ({err})") from None
+        raise InputError(f"video_pattern {video_pattern!r} is not a valid regex ({err})") from None
     if "video" not in pattern.groupindex:
-        raise ValueError(f"video_pattern {video_pattern!r} needs a named group 'video', e.g. (?P<video>seq\\d+)")
+        raise InputError(f"video_pattern {video_pattern!r} needs a named group 'video', e.g. (?P<video>seq\\d+)")
     return pattern
 
 
@@ -348,7 +349,7 @@ def parse_class_map(spec: str | os.PathLike[str], *, class_names: Sequence[str] 
                 data = {**data, "class_names": list(class_names)}
             return MaskEncoding.model_validate(data)
         if not isinstance(data, dict) or not data:
-            raise ValueError(f"class-map file {path} must hold a MaskEncoding or a mapping {{value: class_id}}")
+            raise InputError(f"class-map file {path} must hold a MaskEncoding or a mapping {{value: class_id}}")
         entries = [(str(k), str(v)) for k, v in data.items()]
         return _encoding_from_entries(entries, class_names, source=str(path))
 
@@ -357,7 +358,7 @@ def parse_class_map(spec: str | os.PathLike[str], *, class_names: Sequence[str] 
         try:
             threshold = int(text[1:])
         except ValueError:
-            raise ValueError(f"class map {spec!r}: threshold form is '>N' with an integer N, e.g. '>127'") from None
+            raise InputError(f"class map {spec!r}: threshold form is '>N' with an integer N, e.g. '>127'") from None
         names = list(class_names) if class_names is not None else ["background", "foreground"]
         return MaskEncoding(mode="threshold", threshold=threshold, class_names=names)
     parts = [p for p in text.split(";") if p.strip()]
@@ -367,7 +368,7 @@ def parse_class_map(spec: str | os.PathLike[str], *, class_names: Sequence[str] 
     for part in parts:
         key, sep, value = part.rpartition(":")
         if not sep or not key.strip() or not value.strip():
-            raise ValueError(
+            raise InputError(
                 f"class map {spec!r}: entry {part!r} is not 'value:class_id' "
                 "(grey '0:0,255:1', colour '0,0,0:0;255,0,0:1', threshold '>127', or a .json/.yaml file)"
             )
@@ -380,7 +381,7 @@ def _encoding_from_entries(
 ) -> MaskEncoding:
     mode = "rgb" if any("," in key for key, _ in entries) else "lut"
     if mode == "rgb" and not all("," in key for key, _ in entries):
-        raise ValueError(f"class map {source} mixes grey values and colours; use one kind")
+        raise InputError(f"class map {source} mixes grey values and colours; use one kind")
     class_map: dict[str, int] = {}
     ignore: list[str] = []
     for key, value in entries:
@@ -390,14 +391,14 @@ def _encoding_from_entries(
         try:
             class_map[key] = int(value)
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"class map {source}: class id {value!r} for {key!r} is not an integer or 'ignore'"
             ) from None
     if not class_map:
-        raise ValueError(f"class map {source} maps no value to a class")
+        raise InputError(f"class map {source} maps no value to a class")
     if class_names is None:
         class_names = [f"class_{i}" for i in range(max(class_map.values()) + 1)]
     try:
         return MaskEncoding(mode=mode, class_map=class_map, ignore_values=ignore, class_names=list(class_names))
     except ValueError as err:
-        raise ValueError(f"class map {source}: {err}") from None
+        raise InputError(f"class map {source}: {err}") from None

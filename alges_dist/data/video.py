@@ -34,6 +34,7 @@ import av
 import numpy as np
 
 from alges_dist.data.atomic import atomic_path
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ _SECONDS = re.compile(r"^\d+(\.\d{1,6})?$")
 _MICRO = Fraction(1, 1_000_000)
 
 
-class VideoError(ValueError):
+class VideoError(InputError):
     """A video that cannot be used (unopenable, no video stream, too many pixels); names the file."""
 
 
@@ -79,7 +80,7 @@ def format_seconds(t: Fraction) -> str:
     -> ``"0.033367"`` (rounded up, so the floor rule still finds that frame).
     """
     if t < 0:
-        raise ValueError(f"time {t} is negative")
+        raise InputError(f"time {t} is negative")
     micros = math.ceil(Fraction(t) / _MICRO)
     whole, frac = divmod(micros, 1_000_000)
     return str(whole) if frac == 0 else f"{whole}.{frac:06d}".rstrip("0")
@@ -101,7 +102,7 @@ def parse_video_uri(uri: str) -> tuple[str, Fraction] | None:
     if not sep:
         return None
     if not path or not _SECONDS.match(seconds):
-        raise ValueError(f"{uri}: '#t=' needs a path before it and seconds as a decimal with at most "
+        raise InputError(f"{uri}: '#t=' needs a path before it and seconds as a decimal with at most "
                          f"6 fractional digits after it (e.g. video.mp4#t=12.48)")
     return path, Fraction(seconds)
 
@@ -209,7 +210,7 @@ def packet_times(path: str | os.PathLike[str]) -> list[Fraction]:
 def sample_times(duration: Fraction, fps: Fraction) -> list[Fraction]:
     """``k / fps`` for every ``k / fps < duration``, rounded up to 1 us (URIs hold 6 digits)."""
     if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise InputError(f"fps must be positive, got {fps}")
     n = math.ceil(Fraction(duration) * fps)  # k < duration * fps
     return [Fraction(format_seconds(Fraction(k) / fps)) for k in range(n)]
 
@@ -381,9 +382,9 @@ def write_h264(path: str | os.PathLike[str], frames: np.ndarray, *, fps: int | F
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        raise InputError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise ValueError(f"H.264 in yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+        raise InputError(f"H.264 in yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps))

@@ -23,6 +23,7 @@ from PIL import Image
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.frames import DEFAULT_MAX_PIXELS, FrameDecodeError
 from alges_dist.data.video import iter_frames, parse_video_uri
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ def export_video_frames(folder: str | os.PathLike[str], uris: dict[str, str], *,
     by_video: dict[str, list[tuple[str, Fraction]]] = defaultdict(list)
     for frame_id, uri in uris.items():
         if not frame_id or "/" in frame_id or frame_id.startswith("."):
-            raise ValueError(f"frame_id {frame_id!r} cannot name a file; video frame ids look like VIDEO_000123")
+            raise InputError(f"frame_id {frame_id!r} cannot name a file; video frame ids look like VIDEO_000123")
         png = folder / f"{frame_id}.png"
         target = parse_video_uri(uri)
         if target is None:
-            raise ValueError(f"frame {frame_id}: {uri!r} is not a video frame URI (VIDEO#t=SECONDS)")
+            raise InputError(f"frame {frame_id}: {uri!r} is not a video frame URI (VIDEO#t=SECONDS)")
         if png.is_file():
             out[frame_id] = str(png.resolve())
         else:

@@ -45,6 +45,7 @@ from alges_dist.data.video import (
     sample_times,
     video_uri,
 )
+from alges_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ def parse_fps(text: str | float | Fraction) -> Fraction | None:
     try:
         fps = Fraction(str(text).strip())
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"--fps {text!r} is not a number (e.g. 1, 2.5, 1/5) or 'native'") from None
+        raise InputError(f"--fps {text!r} is not a number (e.g. 1, 2.5, 1/5) or 'native'") from None
     if fps <= 0:
-        raise ValueError(f"--fps must be positive, got {text!r}")
+        raise InputError(f"--fps must be positive, got {text!r}")
     return fps
 
 
@@ -109,7 +110,7 @@ def find_videos(videos: str | os.PathLike[str]) -> list[Path]:
     by_stem: dict[str, Path] = {}
     for path in found:
         if path.stem in by_stem:
-            raise ValueError(f"two videos share the id {path.stem!r}: {by_stem[path.stem]} and {path}; "
+            raise InputError(f"two videos share the id {path.stem!r}: {by_stem[path.stem]} and {path}; "
                              "rename one (the file stem is the video id)")
         by_stem[path.stem] = path
     return sorted(found, key=lambda p: natural_key(p.stem))
@@ -166,7 +167,7 @@ def _attach_masks(frame_ids: list[str], video_of: list[str], sampled: dict[str, 
     n_matched = sum(u is not None for u in uris)
     unmatched = sorted(set(files) - set(frame_ids), key=natural_key)
     if n_matched == 0:
-        raise ValueError(f"no mask in {masks} is named after a sampled frame (FRAME_ID.png, e.g. "
+        raise InputError(f"no mask in {masks} is named after a sampled frame (FRAME_ID.png, e.g. "
                          f"{frame_ids[0]}.png); found e.g. {sorted(files, key=natural_key)[:3]}")
     if unmatched:
         log.warning("%d masks in %s name no sampled frame (not at the sampled times?), e.g. %s",

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from alges_dist.data.frames import DEFAULT_MAX_PIXELS, FrameDecodeError, load_image, resize_rgb
 from alges_dist.data.video import is_video_uri, iter_frames
+from alges_dist.errors import InputError
 
 if TYPE_CHECKING:
     import ray.data
@@ -70,13 +71,13 @@ def video_chunks(frame_ids: pa.Array | list[str], uris: pa.Array | list[str], *,
     ValueError naming the first URI whose ``#t=`` is not a plain decimal.
     """
     if chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        raise InputError(f"chunk_frames must be >= 1, got {chunk_frames}")
     parts = pc.split_pattern(pa.array(uris, pa.string()), "#t=", max_splits=1, reverse=True)
     times = pc.list_element(parts, 1)
     bad = pc.invert(pc.fill_null(pc.match_substring_regex(times, _SECONDS), False))
     if pc.any(bad).as_py():
         row = pc.index(bad, True).as_py()
-        raise ValueError(f"row {row} (frame_id {pa.array(frame_ids)[row].as_py()!r}): image_uri {uris[row]!r} is not "
+        raise InputError(f"row {row} (frame_id {pa.array(frame_ids)[row].as_py()!r}): image_uri {uris[row]!r} is not "
                          "VIDEO#t=SECONDS with seconds as a decimal of at most 6 fractional digits")
     table = pa.table({"frame_id": pa.array(frame_ids, pa.string()), "path": pc.list_element(parts, 0), "time": times,
                       "seconds": pc.cast(times, pa.float64())})  # float64 orders decimals of 6 digits exactly

@@ -12,11 +12,14 @@ leaves the cluster alone: disconnecting ends the actors and tasks this driver su
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +172,10 @@ class RaySession:
             return
         self._restore_env()
         self.record_processes()
-        # Ctrl-C again while we clean up must not leave half an instance behind.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        # Ctrl-C or a scheduler's SIGTERM again while we clean up must not leave half an instance
+        # behind: they are held back until the cleanup is done, then raised if nothing else is
+        arrived: list[int] = []
+        with _signals_deferred(arrived):
             try:
                 ray.shutdown()
             finally:
@@ -180,8 +184,23 @@ class RaySession:
                     log.warning("ended %d Ray processes that outlived the shutdown: %s", len(leftover), leftover)
                 if self.session_dir is not None and not self.keep_logs:
                     remove_session_dir(self.session_dir)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        if arrived and exc[0] is None:
+            raise Interrupted(signal.Signals(arrived[0]).name)
+
+
+@contextlib.contextmanager
+def _signals_deferred(arrived: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM only record themselves in ``arrived`` inside the block (main thread;
+    elsewhere Python delivers no signals anyway); the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _free_port() -> int:

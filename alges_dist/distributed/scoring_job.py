@@ -33,6 +33,7 @@ from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.frames import normalize_images
 from alges_dist.distributed.decode_stage import decoded_pool
 from alges_dist.distributed.tasks import here, on_worker, worker_device
+from alges_dist.errors import AlgesError, InputError
 from alges_dist.models import load_model
 from alges_dist.scoring import ProjectionCache, score_batch, score_dims
 
@@ -173,7 +174,7 @@ def score_pool(
     return ScoreResult(final, summary["n_rows"] - summary["n_errors"], summary["n_errors"], summary["workers"], seconds)
 
 
-class StageFailed(RuntimeError):
+class StageFailed(AlgesError, RuntimeError):
     """A stage ran but its output failed its checks; nothing of it counts as done."""
 
 
@@ -186,12 +187,12 @@ def check_score_shards(scores_dir: str, manifest: str, errors_path: str) -> dict
     counts = pc.value_counts(table["frame_id"])
     repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1)).field("values")
     if len(repeated):
-        raise ValueError(f"{scores_dir}: frames {repeated[:5].to_pylist()} were scored more than once "
+        raise InputError(f"{scores_dir}: frames {repeated[:5].to_pylist()} were scored more than once "
                          f"({len(repeated)} in all)")
     missing = pc.filter(pool, pc.invert(pc.is_in(pool, value_set=table["frame_id"].combine_chunks())))
     extra = table.filter(pc.invert(pc.is_in(table["frame_id"], value_set=pool.combine_chunks())))
     if len(missing) or extra.num_rows:
-        raise ValueError(f"{scores_dir}: the shards do not cover the pool exactly once: {len(missing)} pool frames "
+        raise InputError(f"{scores_dir}: the shards do not cover the pool exactly once: {len(missing)} pool frames "
                          f"missing (first {missing[:3].to_pylist()}), {extra.num_rows} not in the pool (first "
                          f"{extra['frame_id'][:3].to_pylist()})")
     failed = table.filter(pc.is_valid(table["error"])).select(["frame_id", "error"])
@@ -214,7 +215,7 @@ def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
     """A fixed-size-list (or scalar) score column as a float32 (N, d) array, zero-copy."""
     arr = table[column].combine_chunks()
     if arr.null_count:
-        raise ValueError(f"column {column!r} has {arr.null_count} null rows: drop undecodable frames first")
+        raise InputError(f"column {column!r} has {arr.null_count} null rows: drop undecodable frames first")
     if pa.types.is_fixed_size_list(arr.type):
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
     return arr.to_numpy(zero_copy_only=False).reshape(-1, 1)

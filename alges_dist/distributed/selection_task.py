@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from alges_dist.config import Config
-from alges_dist.strategies import get_strategy, score_column
+from alges_dist.config import Config, check_selection_shards
+from alges_dist.errors import InputError
+from alges_dist.selection import DISTANCE_RULES, get_strategy, score_column
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,39 @@ def _score_files(scores_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(scores_dir).glob("*.parquet"))
 
 
-def column_bytes(scores_dir: str | Path, column: str, storage_itemsize: int) -> int:
-    """Bytes the column takes in storage form, from the shards' footers (no data read)."""
+def column_shape(scores_dir: str | Path, column: str) -> tuple[int, int]:
+    """(rows, values per row) of the column, from the shards' footers (no data read)."""
     rows, dim = 0, 1
     for path in _score_files(scores_dir):
         meta = pq.ParquetFile(path)
         rows += meta.metadata.num_rows
         kind = meta.schema_arrow.field(column).type
         dim = kind.list_size if pa.types.is_fixed_size_list(kind) else 1
+    return rows, dim
+
+
+def column_bytes(scores_dir: str | Path, column: str, storage_itemsize: int) -> int:
+    """Bytes the column takes in storage form, from the shards' footers (no data read)."""
+    rows, dim = column_shape(scores_dir, column)
     return rows * dim * storage_itemsize
+
+
+def selection_bytes(scores_dir: str | Path, column: str, storage_dtype: str, device: str) -> int:
+    """Peak bytes a one-device selection of ``column`` takes on ``device`` ("cpu" or "cuda"),
+    from the shards' footers, for ``selection.shards: auto``.
+
+    The task first loads the column as float32 on the host (``ScoreRows``), then the engine
+    builds its storage form from it (``selection.storage.StoredRows``): float32 rows are used
+    as loaded, half rows are a second array of d + 6 norm terms padded to 8 columns. On the
+    CPU both live in host memory at once: 4 + 2 bytes per value for half storage, 3x the
+    storage alone; on CUDA the device holds only the storage form.
+    """
+    rows, dim = column_shape(scores_dir, column)
+    loaded = rows * dim * 4  # the float32 copy
+    if storage_dtype == "float32":  # used as loaded
+        return loaded
+    half = rows * (-(-(dim + 6) // 8) * 8) * 2  # PoolShard's norm-augmented rows, padded to 16 bytes
+    return half + (loaded if device == "cpu" else 0)
 
 
 def device_memory() -> dict[str, Any]:
@@ -119,7 +144,7 @@ class ScoreRows:
                 filled += len(pos)
             pa.default_memory_pool().release_unused()  # Arrow keeps freed batches for reuse otherwise
         if out is None or filled != len(self.ids):
-            raise ValueError(f"{self.scores_dir}: column {self.column!r} covers {filled} of the {len(self.ids)} "
+            raise InputError(f"{self.scores_dir}: column {self.column!r} covers {filled} of the {len(self.ids)} "
                              "frames to select from; rescore the round")
         return out
 
@@ -128,7 +153,7 @@ def time_gap(manifest: str, ids: pa.Array, gap_s: float):
     """The ``TimeGap`` of the rows ``ids``: videos from ``video_id``, times from ``#t=`` URIs
     (rows without a time, image files, are never near another). ``manifest``: the pool's, whose
     URIs keep their times (a run's labeled video frames point at their exported PNGs)."""
-    from alges_dist.selection_engine import TimeGap
+    from alges_dist.selection import TimeGap
 
     table = pq.read_table(manifest, columns=["frame_id", "video_id", "image_uri"])
     table = table.take(pc.index_in(ids, value_set=table["frame_id"].combine_chunks()))
@@ -138,6 +163,27 @@ def time_gap(manifest: str, ids: pa.Array, gap_s: float):
     codes = pc.dictionary_encode(table["video_id"]).combine_chunks().indices.to_numpy(zero_copy_only=False)
     group = np.where(has_time.to_numpy(zero_copy_only=False), codes, -1).astype(np.int64)
     return TimeGap(group, np.array(seconds.to_numpy(zero_copy_only=False), np.float64), float(gap_s))  # writable
+
+
+def check_batch_size(strategy: str, n_candidates: int, budget: int, *, n_unlabeled: int, n_unscored: int,
+                     n_near: int, min_gap_s: float, scores_dir: str | None) -> None:
+    """Every round labels ``loop.budget`` frames or fails naming why (README, "Reliability").
+
+    A short batch would label fewer frames than the learning curve's x axis says, and the
+    run would go on as if nothing happened. Frames that failed to decode (listed in the
+    round's errors.parquet) and, for rules that pick among unlabeled frames only, frames
+    within ``selection.min_gap_s`` of a labeled one are no candidates.
+    """
+    if n_candidates >= budget:
+        return
+    why = [f"{n_unlabeled} pool frames are unlabeled"]
+    if n_unscored:
+        why.append(f"{n_unscored} of them failed to decode (listed in {Path(scores_dir).parent / 'errors.parquet'})")
+    if n_near:
+        why.append(f"{n_near} are within selection.min_gap_s={min_gap_s:g} of a labeled frame")
+    raise InputError(f"{strategy}: {n_candidates} frames can be picked, fewer than loop.budget={budget} ("
+                     f"{'; '.join(why)}); lower loop.budget or loop.n_rounds"
+                     f"{', or selection.min_gap_s' if n_near else ''}, or add frames to the pool")
 
 
 def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str | None, *, seed: int,
@@ -150,7 +196,7 @@ def pick_batch(config: dict[str, Any], strategy: str, manifest: str, scores_dir:
     value: the distance to the chosen set at pick time (k-center / k-means++), the ranked
     score (top-k), NaN (random).
     """
-    import alges_dist.selection  # noqa: F401  (torch: imports are not the stage's memory)
+    import alges_dist.selection.rules  # noqa: F401  (torch: imports are not the stage's memory)
 
     with PeakRSS() as rss:
         picked = _pick(config, strategy, manifest, scores_dir, seed=seed, n_shards=n_shards, pool=pool or manifest)
@@ -189,6 +235,11 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     t0 = time.perf_counter()
     cfg = Config.model_validate(config)
     spec, opts = get_strategy(strategy), cfg.selection
+    if n_shards > 1 and spec.rule not in DISTANCE_RULES:
+        # a ranking or random rule reads one scalar per frame: one device holds any pool
+        log.info("%s: selection.shards=%s applies to k-center and k-means++ only; ranking on one device",
+                 strategy, opts.shards)
+        n_shards = 1
     column = score_column(strategy, projection_dim=cfg.scoring.projection_dim)
     table = pq.read_table(manifest, columns=["frame_id", "split", "labeled_round"],
                           filters=[("split", "=", "pool")])
@@ -196,18 +247,24 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     labeled_ids = table.filter(pc.is_valid(table["labeled_round"]))["frame_id"].combine_chunks()
     ids = _sorted_candidates(scores_dir, column, pool_ids)
     labeled = pc.is_in(ids, value_set=labeled_ids).to_numpy(zero_copy_only=False)
+    n_unlabeled = len(pool_ids) - len(labeled_ids)
+    n_unscored = n_unlabeled - int((~labeled).sum())  # failed to decode: never candidates
+    n_near = 0
     gap = time_gap(pool, ids, opts.min_gap_s) if opts.min_gap_s > 0 else None
     if not spec.labeled_as_centers:  # rank or seed among the unlabeled frames only
         keep = ~labeled
         if gap is not None and labeled.any():  # and, with a gap, away from the labeled frames
             keep &= ~gap.near(np.flatnonzero(labeled))
+            n_near = int((~labeled).sum() - keep.sum())
         ids, labeled = ids.filter(pa.array(keep)), labeled[keep]
         if gap is not None:
             gap = gap._replace(group=gap.group[keep], seconds=gap.seconds[keep])
+    check_batch_size(strategy, int((~labeled).sum()), cfg.loop.budget, n_unlabeled=n_unlabeled,
+                     n_unscored=n_unscored, n_near=n_near, min_gap_s=opts.min_gap_s, scores_dir=scores_dir)
     del table, pool_ids, labeled_ids
     pa.default_memory_pool().release_unused()  # the manifest's pages, before the column is loaded
     options: dict[str, Any] = {"gap": gap}
-    if spec.rule in ("kcenter", "kmeans++"):
+    if spec.rule in DISTANCE_RULES:
         from alges_dist.distributed.tasks import worker_device
 
         # one device: this task's (a GPU resource without CUDA: the CPU); sharded: each actor's own
@@ -219,7 +276,14 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
         options["largest"] = spec.largest
     pool = values = None
     if column is not None and n_shards > 1:
+        import ray
+
         from alges_dist.distributed.sharded_selection import ShardedPool
+
+        # before any actor: one the cluster cannot place would be waited for forever
+        how = (f"selection.shards=auto resolved to {n_shards} for the {column!r} column" if opts.shards == "auto"
+               else f"selection.shards={n_shards}")
+        check_selection_shards(n_shards, ray.cluster_resources(), setting=how)
 
         cuts = np.linspace(0, len(ids), n_shards + 1).astype(int)
         pool = ShardedPool([ScoreRows(scores_dir, column, ids.slice(a, b - a)) for a, b in zip(cuts, cuts[1:])],
@@ -235,6 +299,8 @@ def _pick(config: dict[str, Any], strategy: str, manifest: str, scores_dir: str 
     finally:
         if pool is not None:
             pool.close()
+    if len(picked.indices) != cfg.loop.budget:  # check_batch_size let it through: a defect of ours
+        raise RuntimeError(f"{strategy}: {len(picked.indices)} picks for loop.budget={cfg.loop.budget}")
     picked_values = values[picked.indices] if spec.rule == "top-k" else picked.radii
     log.info("%s: picked %d of %d frames in %.1f s", strategy, len(picked.indices), len(ids), time.perf_counter() - t0)
     return {

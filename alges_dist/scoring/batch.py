@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alges_dist.errors import InputError
 from alges_dist.models import HeadSpec, capture_head_input, head_spec
 from alges_dist.scoring import closed_form, compiled
 from alges_dist.scoring.closed_form import SCALAR_SCORE_NAMES
@@ -136,7 +137,7 @@ def score_batch(
             with autocast:
                 output = model(images)
             if captured.value is None:
-                raise ValueError(
+                raise InputError(
                     f"{type(model).__name__} never called its head conv {spec.conv} in forward"
                 )
             logits = output[0] if isinstance(output, tuple) else output  # smp aux head
@@ -172,7 +173,7 @@ def resolve_math_path(math_path: str, device: torch.device) -> str:
         ValueError: math_path is not one of MATH_PATHS.
     """
     if math_path not in MATH_PATHS:
-        raise ValueError(f"math_path must be one of {MATH_PATHS}, got {math_path!r}")
+        raise InputError(f"math_path must be one of {MATH_PATHS}, got {math_path!r}")
     if math_path != "auto":
         return math_path
     return "compiled" if device.type == "cuda" and compiled.triton_available() else "eager"
@@ -202,19 +203,19 @@ def head_scores(
         score_batch's outputs except "alges_img_proj".
     """
     if not logits.is_floating_point() or not head_input.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"logits and head_input must be float tensors, got {logits.dtype} and {head_input.dtype}"
         )
     path = resolve_math_path(math_path, logits.device)
     _check_chunk_bytes(chunk_bytes)
     n_images, n_classes, height, width = logits.shape
     if head_input.shape[0] != n_images or head_input.shape[1] != spec.conv.in_channels:
-        raise ValueError(
+        raise InputError(
             f"head input has shape {tuple(head_input.shape)}; expected ({n_images}, "
             f"{spec.conv.in_channels}, h, w) for logits of shape {tuple(logits.shape)}"
         )
     if n_classes != spec.conv.out_channels:
-        raise ValueError(
+        raise InputError(
             f"logits have {n_classes} channels but the head conv has "
             f"{spec.conv.out_channels} outputs: something after the head changes classes"
         )
@@ -223,7 +224,7 @@ def head_scores(
         upsample[0].shape[0], upsample[1].shape[0]
     )
     if conv_out_size != (height, width):
-        raise ValueError(
+        raise InputError(
             f"logits are {height}x{width} but the head conv's output "
             f"{tuple(head_input.shape[2:])} after {spec.mode} x{spec.scale_factor} "
             f"upsampling is {conv_out_size[0]}x{conv_out_size[1]}"
@@ -262,14 +263,14 @@ def _pixel_weights(
     if valid_mask is None:
         return None
     if valid_mask.shape != (n_images, *size):
-        raise ValueError(
+        raise InputError(
             f"valid_mask has shape {tuple(valid_mask.shape)}; the model's output needs "
             f"({n_images}, {size[0]}, {size[1]})"
         )
     n_valid = valid_mask.sum(dim=(1, 2))
     empty = (n_valid == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(
+        raise InputError(
             f"valid_mask has no valid pixel in frames {empty} of the batch; leave those "
             "frames out (they have no prediction to score)"
         )
@@ -278,16 +279,16 @@ def _pixel_weights(
 
 def _check_options(feature_grid: int, projection_dim: int | None) -> None:
     if not isinstance(feature_grid, int) or feature_grid < 1:
-        raise ValueError(f"feature_grid must be an int >= 1, got {feature_grid!r}")
+        raise InputError(f"feature_grid must be an int >= 1, got {feature_grid!r}")
     if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
-        raise ValueError(f"projection_dim must be None or an int >= 1, got {projection_dim!r}")
+        raise InputError(f"projection_dim must be None or an int >= 1, got {projection_dim!r}")
 
 
 def _check_chunk_bytes(chunk_bytes: int | None) -> None:
     if chunk_bytes is not None and (
         isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1
     ):
-        raise ValueError(f"chunk_bytes must be None or an int >= 1, got {chunk_bytes!r}")
+        raise InputError(f"chunk_bytes must be None or an int >= 1, got {chunk_bytes!r}")
 
 
 def _check_images(
@@ -296,24 +297,24 @@ def _check_images(
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         dtype = images.dtype if isinstance(images, torch.Tensor) else None
-        raise ValueError(f"images must be a float (B, 3, H, W) tensor, got {shape} {dtype}")
+        raise InputError(f"images must be a float (B, 3, H, W) tensor, got {shape} {dtype}")
     if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B = 0)")
+        raise InputError("images is an empty batch (B = 0)")
     if valid_mask is not None:
         if valid_mask.dtype != torch.bool:
-            raise ValueError(f"valid_mask must be a bool tensor, got {valid_mask.dtype}")
+            raise InputError(f"valid_mask must be a bool tensor, got {valid_mask.dtype}")
         expected = (images.shape[0], *images.shape[2:])
         if tuple(valid_mask.shape) != expected:
-            raise ValueError(
+            raise InputError(
                 f"valid_mask has shape {tuple(valid_mask.shape)}; expected {expected} "
                 "(batch, height, width of the images)"
             )
         if valid_mask.device != images.device:
-            raise ValueError(
+            raise InputError(
                 f"valid_mask is on {valid_mask.device} but images are on {images.device}"
             )
     if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"autocast_dtype must be None or one of {_AUTOCAST_DTYPES}, got {autocast_dtype}"
         )
 
@@ -324,7 +325,7 @@ def _check_finite(scores: dict[str, torch.Tensor]) -> None:
         [~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1) for value in scores.values()]
     ).any(dim=0).cpu()
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"non-finite scores for frames {bad.nonzero().flatten().tolist()} of the batch "
             "(NaN or inf in the network's output or head input)"
         )

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from alges_dist.errors import InputError
 from alges_dist.scoring.alges_img import TapBuffers, head_weight_gradient, tap_buffers
 from alges_dist.scoring.alges_sem import pixel_gradient_norms, sum_by_class
 from alges_dist.scoring.input_norms import (
@@ -80,7 +81,7 @@ def chunk_scores(
     has_nan = torch.isnan(top).flatten(1).any(dim=1)  # (n,)
     if has_nan.any():
         frames = (has_nan.nonzero().flatten() + first_frame).tolist()
-        raise ValueError(f"NaN logits in frames {frames} of the batch: no pseudo-label there")
+        raise InputError(f"NaN logits in frames {frames} of the batch: no pseudo-label there")
     shifted = logits.sub_(top.unsqueeze(1))  # (n, K, H, W): logit - max, <= 0
     # exp(logit - max) off the label (exactly 1 at it): the softmax without cancellation,
     # 1 - p_y = rest_sum / total, even for confident pixels.

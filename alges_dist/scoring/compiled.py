@@ -22,6 +22,7 @@ import importlib.util
 
 import torch
 
+from alges_dist.errors import InputError
 from alges_dist.scoring.alges_img import head_weight_gradient
 from alges_dist.scoring.alges_sem import sum_by_class_onehot
 from alges_dist.scoring.closed_form import chunk_outputs
@@ -57,7 +58,7 @@ def chunk_scores(
     weight_grad = head_weight_gradient(grad_conv, z.float(), kernel_size)
     if has_nan.any():
         frames = (has_nan.nonzero().flatten() + first_frame).tolist()
-        raise ValueError(f"NaN logits in frames {frames} of the batch: no pseudo-label there")
+        raise InputError(f"NaN logits in frames {frames} of the batch: no pseudo-label there")
     return chunk_outputs(weight_grad, sem, frame_means)
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from alges_dist.errors import UnknownName
+
+
+DISTANCE_RULES = frozenset({"kcenter", "kmeans++"})  # the rules that read (N, d) rows: the only ones sharded
+
 
 class Strategy(NamedTuple):
     """How a strategy name turns scores into picks."""
@@ -42,7 +47,7 @@ def get_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; valid: {list(STRATEGIES)}") from None
+        raise UnknownName(f"unknown strategy {name!r}; valid: {list(STRATEGIES)}") from None
 
 
 def score_column(name: str, *, projection_dim: int | None) -> str | None:

@@ -1,11 +1,11 @@
-"""Selection: turn per-frame embeddings or scores into the query batch (DESIGN "Selection").
+"""The pick rules: per-frame embeddings or scores -> the query batch (DESIGN "Selection").
 
 The pick rules share one signature, ``rule(values, labeled_mask, budget, *, seed, **options)``
 (scikit-learn's ``kmeans_plusplus(X, n_clusters, *, random_state)``), and ``PICK_RULES``
 names them. k-center greedy takes the farthest row, k-means++ draws proportionally to D^2
 (with optional greedy local trials, as scikit-learn); each pick is one pass over the rows.
 Their loops are written once, against the ``Pool`` protocol: one device
-(``selection_engine.DevicePool``: the loop stays on the device and results move to the
+(``engine.DevicePool``: the loop stays on the device and results move to the
 host once) or a pool sharded over Ray actors (``distributed/sharded_selection.ShardedPool``),
 with identical picks. ``top_k`` and ``random`` need no distances. Every rule honours a
 ``TimeGap`` (``selection.min_gap_s``): no two picks of one video closer in time than the gap.
@@ -22,23 +22,27 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from alges_dist.selection_engine import (
+from alges_dist.errors import InputError
+from alges_dist.selection.engine import (
     DevicePool,
     PoolShard,
-    TimeGap,
     as_rows,
     check_budget,
     check_labeled_mask,
-    max_centered_sq_norm,
     nonfinite_rows,
     raise_nonfinite,
-    resolve_backend,
     resolve_device,
+)
+from alges_dist.selection.knn import resolve_backend
+from alges_dist.selection.storage import (
+    StoredRows,
+    max_centered_sq_norm,
     resolve_storage_dtype,
     row_sum,
     storage_scale,
     storage_shift,
 )
+from alges_dist.selection.time_gap import TimeGap
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class Selection(NamedTuple):
 
 
 class Pool(Protocol):
-    """What the greedy loops drive: one device (``selection_engine.DevicePool``) or Ray actors
+    """What the greedy loops drive: one device (``engine.DevicePool``) or Ray actors
     holding slices (``distributed/sharded_selection.ShardedPool``). Indices and distances are
     device tensors on one device (no host sync per pick) and host numbers when sharded."""
 
@@ -91,7 +95,7 @@ def device_pool(x, *, device="auto", backend: str = "auto", storage_dtype=torch.
     """The rows x (N, d) in storage form on one device, ready for selections (``Pool.start``)."""
     rows = as_rows(x)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     raise_nonfinite(*nonfinite_rows(rows))
     storage_dtype, device = resolve_storage_dtype(storage_dtype), resolve_device(device, rows)
     backend = resolve_backend(backend, device)
@@ -101,8 +105,8 @@ def device_pool(x, *, device="auto", backend: str = "auto", storage_dtype=torch.
     log.info("selection pool: %d rows, dim %d, %s storage (%.1f MB) on %s, labeled kNN: %s",
              rows.shape[0], rows.shape[1], storage_dtype, rows.shape[0] * rows.shape[1] * storage_dtype.itemsize / 1e6,
              device, backend)
-    shard = PoolShard(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift, scale=scale,
-                      chunk_size=chunk_size)
+    shard = PoolShard(StoredRows(rows, offset=0, device=device, storage_dtype=storage_dtype, shift=shift,
+                                 scale=scale, chunk_size=chunk_size))
     return DevicePool(shard, backend, gap)
 
 
@@ -111,7 +115,7 @@ def _start(x, labeled_mask, budget, options: dict[str, Any]) -> tuple[Pool, np.n
     if isinstance(x, (np.ndarray, torch.Tensor)):
         pool: Pool = device_pool(x, **options)
     elif options:
-        raise ValueError(f"options {sorted(options)} are set when the pool is built, not per selection")
+        raise InputError(f"options {sorted(options)} are set when the pool is built, not per selection")
     else:
         pool = x
     mask = check_labeled_mask(labeled_mask, pool.n)
@@ -138,7 +142,7 @@ def _loop_threads(pool: Pool) -> Iterator[None]:
     plain numpy pass (one thread) at 200k x 512.
     """
     shard = getattr(pool, "shard", None)
-    if shard is None or shard.device.type != "cpu" or shard.augmented:
+    if shard is None or shard.device.type != "cpu" or shard.rows.augmented:
         yield
         return
     previous = torch.get_num_threads()
@@ -196,7 +200,7 @@ def _first_eligible(order: np.ndarray, allowed: np.ndarray, chosen: np.ndarray, 
                 allowed &= ~gap.near(np.array([i]))
         out = np.asarray(out, np.int64)
     if out.shape[0] < count:
-        raise ValueError(f"only {len(chosen) + out.shape[0]} frames can be picked with selection.min_gap_s="
+        raise InputError(f"only {len(chosen) + out.shape[0]} frames can be picked with selection.min_gap_s="
                          f"{gap.gap_s if gap else 0} ({count - out.shape[0]} short of the budget); lower "
                          "min_gap_s or the budget")
     return out
@@ -215,7 +219,7 @@ def resolve_local_trials(local_trials: int | str | None, budget: int) -> int:
     if local_trials == "auto":
         return 2 + int(math.log(budget))
     if isinstance(local_trials, bool) or not isinstance(local_trials, (int, np.integer)) or local_trials < 1:
-        raise ValueError(f"local_trials must be None, 'auto' or an integer >= 1, got {local_trials!r}")
+        raise InputError(f"local_trials must be None, 'auto' or an integer >= 1, got {local_trials!r}")
     return int(local_trials)
 
 
@@ -285,7 +289,7 @@ def kmeanspp(x, labeled_mask, budget, *, seed: int = 0, local_trials: int | str 
     picks, pick_d2, n_fill, exhausted = pool.host(picks, pick_d2)
     if exhausted:
         gap = getattr(pool, "gap", None)
-        raise ValueError(f"k-means++ ran out of candidates after the labeled rows and selection.min_gap_s="
+        raise InputError(f"k-means++ ran out of candidates after the labeled rows and selection.min_gap_s="
                          f"{gap.gap_s if gap else 0}; lower min_gap_s or the budget")
     t2 = time.perf_counter()
     log.info("k-means++ (%d trials): %d picks in %.1f s (%.1f ms per pick) after %.1f s of preparation",
@@ -312,11 +316,11 @@ def _checked_scores(score, labeled_mask, budget) -> tuple[np.ndarray, np.ndarray
     if s.ndim == 2 and s.shape[1] == 1:
         s = s[:, 0]
     if s.ndim != 1 or not np.issubdtype(s.dtype, np.number):
-        raise ValueError(f"score must be a numeric (N,) array, got shape {s.shape} and dtype {s.dtype}")
+        raise InputError(f"score must be a numeric (N,) array, got shape {s.shape} and dtype {s.dtype}")
     mask = check_labeled_mask(labeled_mask, s.shape[0])
     bad = np.flatnonzero(~np.isfinite(s))
     if bad.size:
-        raise ValueError(f"score has NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
+        raise InputError(f"score has NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
     return s, mask, check_budget(budget, int((~mask).sum()))
 
 
@@ -354,7 +358,6 @@ PICK_RULES: dict[str, Callable[..., Selection]] = {
     "top-k": top_k,
     "random": random,
 }
-SELECTION_METHODS = PICK_RULES  # the name earlier code used
 
 
 def select(rule: str, values, labeled_mask, budget, *, seed: int = 0, **options) -> Selection:
@@ -364,12 +367,12 @@ def select(rule: str, values, labeled_mask, budget, *, seed: int = 0, **options)
     options go to the rule (device, backend, storage_dtype, chunk_size, local_trials, largest, gap).
     """
     if rule not in PICK_RULES:
-        raise ValueError(f"unknown pick rule {rule!r}; valid: {list(PICK_RULES)}")
+        raise InputError(f"unknown pick rule {rule!r}; valid: {list(PICK_RULES)}")
     if values is None and rule != "random":
-        raise ValueError(f"pick rule {rule!r} needs values (embeddings or scores)")
+        raise InputError(f"pick rule {rule!r} needs values (embeddings or scores)")
     try:
         return PICK_RULES[rule](values, labeled_mask, budget, seed=seed, **options)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
-            raise ValueError(f"pick rule {rule!r} does not take option(s) {sorted(options)}: {e}") from e
+            raise InputError(f"pick rule {rule!r} does not take option(s) {sorted(options)}: {e}") from e
         raise

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from alges_dist.errors import InputError
+
 BACKENDS = ("auto", "faiss", "torch")
 # faiss knn_gpu scratch space; bounded so selection fits beside a training job on the GPU.
 FAISS_GPU_TEMP_MEMORY_BYTES = 256 * 2**20
@@ -31,17 +33,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     torch (ENVIRONMENT.md, "faiss-cpu"), so CPU defaults to torch; backend="faiss" forces it.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         return "faiss" if device.type == "cuda" and faiss_has_gpu() else "torch"
     if backend == "faiss":
         try:
             import faiss  # noqa: F401
         except ImportError as e:
-            raise ValueError("backend='faiss' needs faiss (pip install faiss-cpu or faiss-gpu); "
+            raise InputError("backend='faiss' needs faiss (pip install faiss-cpu or faiss-gpu); "
                              "or use backend='torch'") from e
         if device.type == "cuda" and not faiss_has_gpu():
-            raise ValueError(f"backend='faiss' on {device} needs a GPU build of faiss; use backend='torch'")
+            raise InputError(f"backend='faiss' on {device} needs a GPU build of faiss; use backend='torch'")
     return backend
 
 
