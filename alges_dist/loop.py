@@ -266,19 +266,16 @@ class Experiment(RunLayout):
 
     def _selection_shards(self, scores: str | None, column: str | None) -> int:
         """selection.shards, resolved: "auto" asks a worker of the selection's kind how much
-        memory its device has and compares it with the column's bytes (from the shard footers)."""
-        from alges_dist.distributed.selection_task import (
-            column_bytes,
-            device_memory,
-            shards_needed,
-        )
+        memory its device has and compares it with the selection's peak bytes on that device
+        (from the shard footers: on the CPU a half-storage selection also holds the float32 copy)."""
+        from alges_dist.distributed.selection_task import device_memory, selection_bytes, shards_needed
 
         shards = self.cfg.selection.shards
         if shards != "auto" or column is None:
             return 1 if column is None else int(shards)
-        itemsize = 4 if self.cfg.selection.storage_dtype == "float32" else 2
         memory, _ = on_worker(device_memory, gpu=self.use_gpu and self.cfg.selection.device != "cpu")
-        return shards_needed(column_bytes(scores, column, itemsize), memory["free"])
+        peak = selection_bytes(scores, column, self.cfg.selection.storage_dtype, memory["device"])
+        return shards_needed(peak, memory["free"])
 
     def label(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         if self.cfg.loop.oracle != "simulated":

@@ -168,6 +168,24 @@ def test_shard_count_follows_the_column_bytes_and_device_memory(tmp_path):
     assert shards_needed(40_000, 10_000) == 6
 
 
+def test_auto_shards_count_the_float32_copy_a_cpu_half_selection_holds(tmp_path, monkeypatch):
+    """selection.shards: auto sizes with selection_bytes: on a CPU bfloat16 storage fits no better
+    than the float32 it is built from (was: counted at 2 bytes per value, 3x low)."""
+    import alges_dist.loop as loop
+    from alges_dist.config import load_config
+
+    _, scores, _, x = _run(tmp_path)
+    n, d = x.shape
+    free = int(n * d * 4 * 1.6)  # float32 fits with 1.5x headroom; float32 + half copy does not
+    monkeypatch.setattr(loop, "on_worker", lambda fn, **kw: ({"device": "cpu", "free": free, "total": free}, None))
+    shards = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config(None, [f"selection.storage_dtype={dtype}", "train.use_gpu=false"])
+        shards[dtype] = loop.Experiment(cfg, tmp_path / "run", tmp_path / "pool.parquet")._selection_shards(
+            str(scores), "alges_img")
+    assert shards == {"float32": 1, "bfloat16": 2}
+
+
 @pytest.mark.parametrize("strategy", ["entropy", "margin", "least-confidence", "random"])
 def test_ranking_rules_ignore_selection_shards_and_pick_on_one_device(tmp_path, strategy):
     # issue 23.1: `--set selection.shards=2` with a ranking rule failed with "error: device"
