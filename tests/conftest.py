@@ -41,16 +41,16 @@ def start_ray():
     from alges_dist.distributed.runtime import RaySession
 
     if not ray.is_initialized():
-        saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+        saved = dict(os.environ)
         _SESSIONS.append(RaySession(num_cpus=4).__enter__())
-        # The instance's own processes carry its address; this process reaches it through
-        # ray.is_initialized(), and `alges` subprocesses must start instances of their own
-        # (RAY_ADDRESS would make them join this one as a "cluster").
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        # The instance's processes carry what RaySession set (its address, loopback only, local
+        # fit settings); this process reaches it through ray.is_initialized(). The test process's
+        # own environment stays as it was: `alges` subprocesses must start instances of their own
+        # (RAY_ADDRESS would make them join this one), and a `ray start` cluster must not inherit
+        # the loopback switch (it refuses a second node) or the local fit settings.
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
     return ray
 
 

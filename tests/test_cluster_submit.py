@@ -111,7 +111,10 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
         subprocess.run([*start, *node_ports(), "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
                        check=True, env=env, timeout=300, capture_output=True)
-        subprocess.run([*start, *node_ports(), f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
+        # the GPU node in a temp dir of its own, as on its own machine: sharing the head's, its
+        # runtime-env agent garbage-collected the job's working_dir, the driver's cwd (issue 23)
+        subprocess.run([*start[:-1], f"--temp-dir={temp_dir / 'gpu-node'}", *node_ports(),
+                        f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
                        check=True, env=env, timeout=300, capture_output=True)
         _wait_for_job_api(f"http://127.0.0.1:{dashboard}", env)
         res = submit("run", "--pool", str(demo_manifest), "--out", str(out), *fast)
