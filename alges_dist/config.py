@@ -253,17 +253,20 @@ class Config(_Section):
                 STRATEGIES[name].rule in DISTANCE_RULES for name in self.loop.strategies):
             check_selection_shards(self.selection.shards, resources, setting=f"selection.shards={self.selection.shards}")
 
-    def check_pool(self, n_pool: int, n_classes: int, source: str) -> None:
-        """Check the values that depend on the pool, before any work starts."""
+    def check_pool(self, n_pool: int, n_classes: int, source: str, n_labeled: int = 0) -> None:
+        """Check the values that depend on the pool, before any work starts. ``n_labeled``: pool
+        frames labeled already, which are the initial set instead of ``loop.initial_labeled``."""
         if n_classes != self.data.n_classes:
             raise ConfigError(
                 f"data.n_classes={self.data.n_classes} but {source} encodes {n_classes} classes"
             )
-        needed = self.loop.initial_labeled + self.loop.n_rounds * self.loop.budget
+        initial = n_labeled or self.loop.initial_labeled
+        needed = initial + self.loop.n_rounds * self.loop.budget
         if needed > n_pool:
+            first = (f"the {n_labeled} frames {source} has labeled already" if n_labeled else
+                     f"loop.initial_labeled={self.loop.initial_labeled}")
             raise ConfigError(
-                f"loop.budget={self.loop.budget} x loop.n_rounds={self.loop.n_rounds} + "
-                f"loop.initial_labeled={self.loop.initial_labeled} = {needed} frames, "
+                f"loop.budget={self.loop.budget} x loop.n_rounds={self.loop.n_rounds} + {first} = {needed} frames, "
                 f"larger than the {n_pool} pool frames of {source}"
             )
 

@@ -112,7 +112,7 @@ class Experiment(RunLayout):
         simulated = cfg.loop.oracle == "simulated"  # people annotate the first batch and test frames
         self.summary, _ = on_worker(pool_summary, str(self.pool.resolve()), needs_pool_masks=simulated,
                                     needs_test_masks=simulated)
-        cfg.check_pool(self.summary["n_pool"], self.summary["n_classes"], str(self.pool))
+        cfg.check_pool(self.summary["n_pool"], self.summary["n_classes"], str(self.pool), self.summary["n_labeled"])
         cfg.check_resources(ray.cluster_resources(), use_gpu=self.use_gpu)
         log.info("experiment %s: pool %s (%d pool frames, %d labeled, %d test, %d classes), strategies %s, "
                  "seeds %s, %d rounds of %d, gpu=%s", self.out, self.pool, self.summary["n_pool"],

@@ -76,6 +76,9 @@ def test_budget_larger_than_pool_fails_before_work():
     with pytest.raises(ConfigError, match=r"data\.n_classes=5 but pool.parquet encodes 13"):
         cfg.check_pool(n_pool=1000, n_classes=13, source="pool.parquet")
     cfg.check_pool(n_pool=160, n_classes=cfg.data.n_classes, source="pool.parquet")
+    # frames the pool has labeled already are the initial set: 40 of them + 3 x 50 do not fit in 160
+    with pytest.raises(ConfigError, match=r"the 40 frames pool.parquet has labeled already = 190 frames"):
+        cfg.check_pool(n_pool=160, n_classes=cfg.data.n_classes, source="pool.parquet", n_labeled=40)
 
 
 def test_paper_config_is_the_papers_protocol():
