@@ -18,7 +18,7 @@ ALGES_SKIP_LABEL_STUDIO ?=
 LS_VENV       ?= .venv-ls
 LABEL_STUDIO  ?= label-studio==1.23.2
 
-.PHONY: demo test install label-studio bench clean
+.PHONY: demo test test-quick install label-studio bench clean
 
 install: $(VENV)/.installed-$(FAISS_EXTRA)
 
@@ -50,6 +50,11 @@ $(LS_VENV)/.installed:
 # ALGES_SKIP_LABEL_STUDIO=1 make test: run without a real Label Studio (those tests skip, listed at the end)
 test: install $(if $(filter 1,$(ALGES_SKIP_LABEL_STUDIO)),,label-studio)
 	$(PY) -m pytest
+
+# The edit-test loop: no Ray instance, no subprocess (a test that would start one skips, naming it),
+# about 2-3 minutes on 2 cores. `make test` stays the full suite that CI runs.
+test-quick: install
+	ALGES_QUICK=1 $(PY) -m pytest -m "not ray and not slow" -q
 
 # On an otherwise idle machine (each script prints the load average with its table).
 bench: install

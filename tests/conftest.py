@@ -106,3 +106,21 @@ def pending_run(pending_run_template, tmp_path):
 
     shutil.copytree(pending_run_template, tmp_path / "run")
     return reopen(tmp_path / "run")
+
+
+@pytest.fixture(autouse=True)
+def _quick_suite_starts_no_process(monkeypatch):
+    """`make test-quick` (ALGES_QUICK=1): a test that would start a process (a Ray instance, an
+    `alges` command, make, a server) skips there, naming it; `make test` runs it."""
+    if os.environ.get("ALGES_QUICK") != "1":
+        yield
+        return
+    import subprocess
+
+    def refuse(self, args, *rest, **kwargs):
+        shown = args if isinstance(args, str) else " ".join(map(str, args))
+        pytest.skip(f"starts a process ({shown[:60]}...): not in the quick suite, run by make test")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
+

@@ -64,7 +64,8 @@ def test_killed_between_every_pair_of_stages_the_rerun_finishes_as_if_never_kill
         kills += 1
         assert kills < 20
     assert code == 0
-    assert kills == 7  # round 0: train, evaluate, score, select, label; round 1: train, evaluate
+    assert kills == 9  # first batch: select, label; round 0: train, evaluate, score, select, label; round 1: train,
+    # evaluate
     assert outcome(out) == uninterrupted
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".scores-*"))
 
