@@ -124,3 +124,15 @@ def _quick_suite_starts_no_process(monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     yield
 
+
+@pytest.fixture
+def server(tmp_path):
+    """A real Label Studio server (``.venv-ls``) on 127.0.0.1 for one test, stopped by its PID."""
+    import labelstudio_server
+
+    reason = labelstudio_server.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with labelstudio_server.running(tmp_path / "label-studio") as running:
+        yield running
+

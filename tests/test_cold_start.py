@@ -20,12 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from video_fixtures import write_archive
 
 from alges_dist.cli import main
 from alges_dist.cold_start import frame_times, spread
-from alges_dist.data.demo import synthetic_video
 from alges_dist.data.manifest import read_manifest
-from alges_dist.data.video import write_h264
 
 FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",
         "loop.budget=3", "scoring.batch_size=8", "loop.oracle=human"]
@@ -84,16 +83,7 @@ def test_image_rows_have_no_time_so_no_gap_applies(demo_manifest):
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     """Four 12-second videos at 2 fps (64 px), and the masks people would return for every frame."""
-    root = tmp_path_factory.mktemp("archive")
-    videos, masks = root / "videos", root / "masks"
-    videos.mkdir()
-    masks.mkdir()
-    for v in range(4):
-        clip = synthetic_video(np.random.default_rng([7, v]), n_frames=24, size=64)
-        write_h264(videos / f"case{v}.mp4", clip.images, fps=2)
-        for i in range(24):
-            Image.fromarray(clip.masks[i]).save(masks / f"case{v}_{i:06d}.png")
-    return videos, masks
+    return write_archive(tmp_path_factory.mktemp("archive"))
 
 
 def test_ingest_video_without_masks_puts_every_frame_in_the_pool(archive, tmp_path, capsys):
@@ -316,17 +306,6 @@ def test_label_names_the_batches_when_more_than_one_waits(pending_run, demo_mani
 # ---- the same loop through a real Label Studio server -----------------------------------------------------
 NAMES = ["background", "liver", "fat", "gallbladder", "instrument"]
 TOKEN_ENV = "ALGES_TEST_LABEL_STUDIO_TOKEN"
-
-
-@pytest.fixture
-def server(tmp_path):
-    import labelstudio_server
-
-    reason = labelstudio_server.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with labelstudio_server.running(tmp_path / "label-studio") as running:
-        yield running
 
 
 def _annotate_in_labelstudio(client, masks: Path, batch_key_part: str) -> list[dict]:

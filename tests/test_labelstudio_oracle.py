@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import labelstudio_server
 from annotation_fixtures import STRATEGY, picks_of
 from alges_dist.annotation.labelstudio import brush_results
 from alges_dist.annotation.labelstudio_api import LabelStudioClient, LabelStudioError, client_from_env
@@ -27,15 +26,6 @@ from alges_dist.data.manifest import read_manifest
 PROJECT = "alges oracle test"
 TOKEN_ENV = "ALGES_TEST_LABEL_STUDIO_TOKEN"
 NAMES = ["background", "liver", "fat", "gallbladder", "instrument"]
-
-
-@pytest.fixture
-def server(tmp_path):
-    reason = labelstudio_server.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with labelstudio_server.running(tmp_path / "label-studio") as running:
-        yield running
 
 
 def test_client_token_comes_from_the_environment_and_is_never_shown():

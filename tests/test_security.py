@@ -46,6 +46,18 @@ def _network_addresses() -> list[str]:
             if a.family == socket.AF_INET and not a.address.startswith("127.")]
 
 
+def _listening(pids) -> list:
+    """(pid, address) of every listening inet socket of these processes (gone ones skipped)."""
+    found = []
+    for pid in pids:
+        try:
+            found += [(pid, c.laddr) for c in psutil.Process(pid).net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_ray_listens_on_loopback_and_refuses_clients_without_the_token(demo_manifest, tmp_path):
@@ -55,13 +67,7 @@ def test_local_ray_listens_on_loopback_and_refuses_clients_without_the_token(dem
     try:
         gcs = wait_for_line(out / "run.log", r"local Ray at (\S+) ", 300, watched.proc).group(1)
         wait_for_line(out / "run.log", r"round 0: train\n", 300, watched.proc)
-        listening = []
-        for pid in list(watched.seen):
-            try:
-                listening += [(pid, c.laddr) for c in psutil.Process(pid).net_connections("inet")
-                              if c.status == psutil.CONN_LISTEN]
-            except psutil.NoSuchProcess:
-                continue
+        listening = _listening(list(watched.seen))
         assert listening, "the instance's processes listen on no port?"
         exposed = [(pid, a) for pid, a in listening if a.ip not in LOOPBACK]
         assert exposed == [], f"Ray ports open beyond loopback: {exposed}"
@@ -86,13 +92,7 @@ def test_local_ray_listens_on_loopback_and_refuses_clients_without_the_token(dem
 @pytest.mark.ray
 def test_the_test_suites_own_ray_listens_on_loopback_only_and_wants_the_token(ray_session):
     # issue 23.10: conftest's plain ray.init(num_cpus=4) listened on the machine's network address
-    listening = []
-    for pid in ray_session.record_processes():
-        try:
-            listening += [(pid, c.laddr) for c in psutil.Process(pid).net_connections("inet")
-                          if c.status == psutil.CONN_LISTEN]
-        except psutil.NoSuchProcess:
-            continue
+    listening = _listening(ray_session.record_processes())
     assert listening, "the instance's processes listen on no port?"
     assert [(pid, a) for pid, a in listening if a.ip not in LOOPBACK] == []
     gcs = re.search(r"local Ray at (\S+) \(auth: token", ray_session.description).group(1)

@@ -8,14 +8,13 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from alges_dist.cli import main
-from alges_dist.data.demo import synthetic_video
 from alges_dist.data.frames import load_image
 from alges_dist.data.manifest import read_manifest
-from alges_dist.data.video import is_video_uri, write_h264
+from alges_dist.data.video import is_video_uri
 from alges_dist.data.video_export import read_sources
+from video_fixtures import write_archive
 
 FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",
         "loop.budget=3", "loop.n_rounds=2", "scoring.batch_size=8", "loop.strategies=[entropy]",
@@ -25,15 +24,7 @@ FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loo
 @pytest.fixture
 def archive(tmp_path):
     """Four 12-second videos at 2 fps (64 px) and a mask for every frame, as an archive would hold them."""
-    videos, masks = tmp_path / "archive" / "videos", tmp_path / "archive" / "masks"
-    videos.mkdir(parents=True)
-    masks.mkdir()
-    for v in range(4):
-        clip = synthetic_video(np.random.default_rng([7, v]), n_frames=24, size=64)
-        write_h264(videos / f"case{v}.mp4", clip.images, fps=2)
-        for i in range(24):
-            Image.fromarray(clip.masks[i]).save(masks / f"case{v}_{i:06d}.png")
-    return videos, masks
+    return write_archive(tmp_path / "archive")
 
 
 @pytest.mark.ray

@@ -110,3 +110,23 @@ def write_png_bomb(path: Path, width: int, height: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", bytes(idat))
                      + _chunk(b"IEND", b""))
     return path
+
+
+def write_archive(root: Path) -> tuple[Path, Path]:
+    """Four 12-second synthetic surgical videos at 2 fps (64 px) in ``root/videos``, and the mask
+    of every frame in ``root/masks`` (FRAME_ID.png: what people would return), as an archive holds them."""
+    from PIL import Image
+
+    from alges_dist.data.demo import synthetic_video
+    from alges_dist.data.video import write_h264
+
+    videos, masks = Path(root) / "videos", Path(root) / "masks"
+    videos.mkdir(parents=True)
+    masks.mkdir()
+    for v in range(4):
+        clip = synthetic_video(np.random.default_rng([7, v]), n_frames=24, size=64)
+        write_h264(videos / f"case{v}.mp4", clip.images, fps=2)
+        for i in range(24):
+            Image.fromarray(clip.masks[i]).save(masks / f"case{v}_{i:06d}.png")
+    return videos, masks
+
