@@ -194,8 +194,6 @@ def _label(args: argparse.Namespace) -> int:
                                                    pick_latest=args.pick == "latest", unpainted=args.unpainted)
             people.import_labels(exp, batch, converted.folder)
             handoff.write_correction(batch.folder, converted.effort)
-        if batch.strategy is None:
-            exp.first_batch.write_record()
     print(f"labeled {batch.name}; rerun `alges run` to continue")
     return 0
 

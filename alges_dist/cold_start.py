@@ -37,6 +37,7 @@ from alges_dist.data.manifest import (
     mark_labeled,
     read_manifest,
     set_uris,
+    video_times,
     write_manifest,
 )
 from alges_dist.data.rounds import video_frames_as_files
@@ -105,18 +106,6 @@ def _evenly(keys: np.ndarray, q: int, gap_s: float) -> np.ndarray:
     return np.sort(np.asarray(chosen, np.int64))
 
 
-def frame_times(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(video code, time key, timed) per row: seconds from ``#t=`` URIs (video frames), else the
-    frame index (image rows: ordered, but with no time a gap cannot apply)."""
-    matched = pc.extract_regex(table["image_uri"].combine_chunks(), r"#t=(?P<t>\d+(?:\.\d+)?)$")
-    timed = pc.is_valid(matched).to_numpy(zero_copy_only=False)
-    seconds = pc.cast(pc.if_else(pc.is_valid(matched), matched.field("t"), "0"), pa.float64())
-    seconds = np.array(seconds.to_numpy(zero_copy_only=False), np.float64)
-    index = np.array(table["frame_index"].to_numpy(zero_copy_only=False), np.float64)
-    codes = pc.dictionary_encode(table["video_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
-    return codes.astype(np.int64), np.where(timed, seconds, index), timed
-
-
 # ---- the first batch (files in, files out; run on a worker) ----------------------------------------
 def plan_first_batch(config: dict[str, Any], pool: str, out: str, *, rule: str, seed: int,
                      scores_dir: str | None = None, people: bool) -> dict[str, Any]:
@@ -140,7 +129,7 @@ def plan_first_batch(config: dict[str, Any], pool: str, out: str, *, rule: str, 
         test = filter_manifest(table, split="test")
         test = test.filter(pc.is_null(test["mask_uri"]))
         if test.num_rows and cfg.loop.test_frames:
-            groups, keys, timed = frame_times(test)
+            groups, keys, timed = video_times(test)
             chosen = spread(groups, keys, min(cfg.loop.test_frames, test.num_rows), timed=timed,
                             gap_s=cfg.selection.min_gap_s, allow_short=True)
             tests = test["frame_id"].take(pa.array(chosen)).to_pylist()
@@ -167,7 +156,7 @@ def _pool_picks(cfg: Any, pool: str, candidates: pa.Table, rule: str, seed: int,
         picked = pick_batch(config, "coreset", pool, scores_dir, seed=seed, pool=pool)
         return picked["frame_id"], picked["value"]
     if rule == "spread":
-        groups, keys, timed = frame_times(candidates)
+        groups, keys, timed = video_times(candidates)
         chosen = spread(groups, keys, n, timed=timed, gap_s=cfg.selection.min_gap_s)
     elif rule == "random":
         chosen = random_draw(candidates.num_rows, n, seed)

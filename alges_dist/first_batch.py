@@ -144,6 +144,7 @@ class FirstBatch:
         where = where.as_dict() if where is not None else {"node": "alges label (in-process)"}
         atomic_write_text(self.folder / "label.json", json.dumps(
             {"n_labeled": n, "where": where, "seconds": round(time.perf_counter() - started, 3)}))
+        self.write_record()
         return {"n_labeled": n}
 
     def write_record(self) -> None:

@@ -23,7 +23,8 @@ from PIL import Image
 from video_fixtures import write_archive
 
 from alges_dist.cli import main
-from alges_dist.cold_start import frame_times, spread
+from alges_dist.cold_start import spread
+from alges_dist.data.manifest import video_times
 from alges_dist.data.manifest import read_manifest
 
 FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loop.initial_labeled=4",
@@ -73,7 +74,7 @@ def test_spread_spaces_frames_evenly_in_time_and_names_the_gap_when_the_budget_c
 
 def test_image_rows_have_no_time_so_no_gap_applies(demo_manifest):
     table, _ = read_manifest(demo_manifest)
-    groups, keys, timed = frame_times(table)
+    groups, keys, timed = video_times(table)
     assert timed.all() == ("#t=" in table["image_uri"][0].as_py())
     picks = spread(groups, keys, 6, timed=np.zeros_like(timed), gap_s=1e9)  # a gap nothing could meet
     assert len(picks) == 6
@@ -142,7 +143,7 @@ def test_unlabeled_archive_to_two_annotated_rounds(ray_local, archive, tmp_path,
     video_of = dict(zip(table["frame_id"].to_pylist(), table["video_id"].to_pylist()))
     assert {video_of[f] for f in by_split["pool"]} == {"case0", "case1"}  # spread: every pool video
     assert {video_of[f] for f in by_split["test"]} == {"case2", "case3"}
-    groups, keys, _ = frame_times(table)
+    groups, keys, _ = video_times(table)
     index = {f: i for i, f in enumerate(table["frame_id"].to_pylist())}
     assert _min_gap_within_videos(groups, keys, [index[f] for f in by_split["pool"]]) >= 2
     record = json.loads((out / "initial" / "selection.json").read_text())

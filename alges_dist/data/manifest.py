@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -467,3 +468,14 @@ def _split_summary(table: pa.Table) -> str:
     labeled = table.num_rows - table.column("labeled_round").null_count
     return ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS) + f", labeled {labeled}"
 
+
+def video_times(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(video code, time key, timed) per row of a manifest table: seconds from ``#t=`` URIs (video
+    frames), else the frame index (image rows: ordered, but with no time a gap cannot apply)."""
+    matched = pc.extract_regex(table["image_uri"].combine_chunks(), r"#t=(?P<t>\d+(?:\.\d+)?)$")
+    timed = pc.is_valid(matched).to_numpy(zero_copy_only=False)
+    seconds = pc.cast(pc.if_else(pc.is_valid(matched), matched.field("t"), "0"), pa.float64())
+    seconds = np.array(seconds.to_numpy(zero_copy_only=False), np.float64)
+    index = np.array(table["frame_index"].to_numpy(zero_copy_only=False), np.float64)
+    codes = pc.dictionary_encode(table["video_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+    return codes.astype(np.int64), np.where(timed, seconds, index), timed

@@ -25,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from alges_dist.config import Config, check_selection_shards
+from alges_dist.data.manifest import video_times
 from alges_dist.errors import InputError
 from alges_dist.selection import DISTANCE_RULES, get_strategy, score_column
 
@@ -155,14 +156,10 @@ def time_gap(manifest: str, ids: pa.Array, gap_s: float):
     URIs keep their times (a run's labeled video frames point at their exported PNGs)."""
     from alges_dist.selection import TimeGap
 
-    table = pq.read_table(manifest, columns=["frame_id", "video_id", "image_uri"])
+    table = pq.read_table(manifest, columns=["frame_id", "video_id", "frame_index", "image_uri"])
     table = table.take(pc.index_in(ids, value_set=table["frame_id"].combine_chunks()))
-    matched = pc.extract_regex(table["image_uri"].combine_chunks(), r"#t=(?P<t>\d+(?:\.\d+)?)$")
-    has_time = pc.is_valid(matched)  # a struct's field is not null where the struct is: test the struct
-    seconds = pc.cast(pc.if_else(has_time, matched.field("t"), "0"), pa.float64())
-    codes = pc.dictionary_encode(table["video_id"]).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    group = np.where(has_time.to_numpy(zero_copy_only=False), codes, -1).astype(np.int64)
-    return TimeGap(group, np.array(seconds.to_numpy(zero_copy_only=False), np.float64), float(gap_s))  # writable
+    codes, seconds, timed = video_times(table)
+    return TimeGap(np.where(timed, codes, -1), np.where(timed, seconds, 0.0), float(gap_s))
 
 
 def check_batch_size(strategy: str, n_candidates: int, budget: int, *, n_unlabeled: int, n_unscored: int,
