@@ -300,6 +300,9 @@ class Experiment(RunLayout):
         for r in range(self.cfg.loop.n_rounds + 1):
             pending = [s for s in self.stages(r) if not self.stage_done(s, strategy, seed, r)]
             for stage in pending:
+                if until is not None and STAGES.index(stage) > STAGES.index(until):
+                    self.write_outputs()  # e.g. `alges train` where the round's model exists (round 0 is
+                    return False  # shared): the stages after it wait for their own command
                 log.info("%s seed %d round %d: %s", strategy, seed, r, stage)
                 self._notify("start", stage, strategy, seed, r, {})
                 info = getattr(self, stage)(strategy, seed, r)

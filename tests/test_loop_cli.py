@@ -78,10 +78,13 @@ def test_run_interrupted_after_selection_resumes_without_reselecting(ray_local, 
 @pytest.mark.slow
 def test_stage_commands_stop_after_their_stage(ray_local, demo_manifest, tmp_path):
     out = tmp_path / "run"
-    base = ("loop.strategies=[margin]", "loop.n_rounds=1")
+    base = ("loop.strategies=[random, margin]", "loop.n_rounds=1")
     round0 = out / "margin" / "seed_0" / "round_00"
     assert main(_args("train", demo_manifest, out, *base)) == 0
     assert (out / "initial" / "seed_0" / "round_00" / "model.pt").exists() and not round0.exists()
+    # round 0's model is margin's too: `train` stops there, not after evaluating, scoring, picking
+    assert not (out / "random" / "seed_0" / "round_00").exists()
+    assert not list(out.rglob("eval.json")) and not list(out.rglob("scores"))
     assert main(_args("score", demo_manifest, out, *base)) == 0
     assert (out / "initial" / "seed_0" / "round_00" / "scores").is_dir()
     assert not (round0 / "selection.parquet").exists()
@@ -91,7 +94,7 @@ def test_stage_commands_stop_after_their_stage(ray_local, demo_manifest, tmp_pat
     margins = picked["value"].to_pylist()  # margin ranks smallest first
     assert margins == sorted(margins) and all(0 <= m <= 1 for m in margins)
     assert main(_args("round", demo_manifest, out, *base)) == 0
-    assert [r["round"] for r in _results(out)] == ["0"]
+    assert sorted((r["strategy"], r["round"]) for r in _results(out)) == [("margin", "0"), ("random", "0")]
 
 
 def test_bad_config_fails_before_any_work(demo_manifest, tmp_path, capsys):
