@@ -17,8 +17,18 @@ FAST = ["data.image_size=[64, 64]", "train.epochs=1", "train.batch_size=4", "loo
         "loop.budget=3", "loop.n_rounds=1", "scoring.batch_size=8"]
 
 
+REFERENCE_STRATEGY = "alges-img-kcenter"
+
+
 def sets(*items: str) -> list[str]:
     return [a for s in items for a in ("--set", s)]
+
+
+def reference_args(pool: Path, out: Path, *extra: str) -> list[str]:
+    """`alges run` of the shared reference run (conftest's ``reference_run``) and of the runs
+    compared with it: FAST, one strategy, one seed, two fits."""
+    return ["run", "--pool", str(pool), "--out", str(out), *sets(*FAST, f"loop.strategies=[{REFERENCE_STRATEGY}]",
+                                                                    *extra)]
 
 
 def alges_env(**extra: str) -> dict[str, str]:
@@ -91,11 +101,12 @@ def wait_for_line(path: Path, pattern: str, timeout: float, proc: subprocess.Pop
 
 
 def session_dir(run_log: Path) -> Path:
-    return Path(re.search(r"local Ray at \S+ \(auth: token, session (\S+),", run_log.read_text()).group(1))
+    """The session folder of the last command that ran on the folder (run.log is appended to)."""
+    return Path(re.findall(r"local Ray at \S+ \(auth: token, session (\S+),", run_log.read_text())[-1])
 
 
 def raylet_pid(run_log: Path) -> int:
-    return int(re.search(r"raylet pid (\d+)", run_log.read_text()).group(1))
+    return int(re.findall(r"raylet pid (\d+)", run_log.read_text())[-1])
 
 
 def instance_processes(raylet: int) -> list[int]:

@@ -125,14 +125,31 @@ def _quick_suite_starts_no_process(monkeypatch):
     yield
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A real Label Studio server (``.venv-ls``) on 127.0.0.1 for one test, stopped by its PID."""
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real Label Studio server (``.venv-ls``) on 127.0.0.1, stopped by its PID at the end of the
+    session: started once (~35 s), shared by the tests that use it (each in a project of its own)."""
     import labelstudio_server
 
     reason = labelstudio_server.missing_reason()
     if reason:
         pytest.skip(reason)
-    with labelstudio_server.running(tmp_path / "label-studio") as running:
+    if os.environ.get("ALGES_QUICK") == "1":
+        pytest.skip("starts a process (label-studio): not in the quick suite, run by make test")
+    with labelstudio_server.running(tmp_path_factory.mktemp("label-studio")) as running:
         yield running
 
+
+
+@pytest.fixture(scope="session")
+def reference_run(demo_manifest, tmp_path_factory):
+    """One uninterrupted `alges run` (a real process: cli_runs.REFERENCE_ARGS on the demo pool), shared
+    by every test that compares an interrupted, killed or failed run's rerun with it. Returns the
+    watched process (what it left behind) and its run folder."""
+    from cli_runs import Watched, reference_args
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    watched = Watched(reference_args(demo_manifest, out))
+    code, _, stderr = watched.wait(600)
+    assert code == 0, stderr[-3000:]
+    return watched, out

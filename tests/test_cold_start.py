@@ -307,13 +307,14 @@ def test_label_names_the_batches_when_more_than_one_waits(pending_run, demo_mani
 # ---- the same loop through a real Label Studio server -----------------------------------------------------
 NAMES = ["background", "liver", "fat", "gallbladder", "instrument"]
 TOKEN_ENV = "ALGES_TEST_LABEL_STUDIO_TOKEN"
+PROJECT = "alges cold start"
 
 
 def _annotate_in_labelstudio(client, masks: Path, batch_key_part: str) -> list[dict]:
     """An annotator paints every task of the batch with its frame's true mask (through the REST API)."""
     from alges_dist.annotation.labelstudio import brush_results
 
-    project_id = client.request("GET", "/api/projects")["results"][0]["id"]
+    (project_id,) = [p["id"] for p in client.request("GET", "/api/projects")["results"] if p["title"] == PROJECT]
     tasks = [t for t in client.request("GET", f"/api/projects/{project_id}/tasks")
              if t["data"]["alges_batch"].endswith(batch_key_part)]
     for t in tasks:
@@ -340,7 +341,7 @@ def test_unlabeled_archive_through_label_studio(ray_local, archive, server, tmp_
     run = ["run", "--pool", str(pool), "--out", str(out),
            *_sets(*FAST, "loop.n_rounds=2", "loop.strategies=[random]", "loop.test_frames=4",
                   "loop.oracle=labelstudio", f"labelstudio.url={server.url}", f"labelstudio.token_env={TOKEN_ENV}",
-                  "labelstudio.project=alges cold start", f"labelstudio.document_root={server.document_root}")]
+                  f"labelstudio.project={PROJECT}", f"labelstudio.document_root={server.document_root}")]
     client = LabelStudioClient(server.url, server.token)
 
     assert main(run) == 3

@@ -21,15 +21,12 @@ from alges_dist.cli import main
 from alges_dist.config import load_config
 from alges_dist.console import Console
 from alges_dist.data.manifest import read_manifest
-from cli_runs import FAST, Watched, sets, wait_for_line
+from cli_runs import FAST, REFERENCE_STRATEGY, Watched, reference_args, sets, wait_for_line
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STRATEGY = "alges-img-kcenter"
-
-
-def run_args(pool, out, *extra):
-    return ["run", "--pool", str(pool), "--out", str(out), *sets(*FAST, f"loop.strategies=[{STRATEGY}]", *extra)]
+STRATEGY = REFERENCE_STRATEGY
+run_args = reference_args  # every run here is the shared reference run's command (conftest.reference_run)
 
 
 def outcome(out):
@@ -42,14 +39,12 @@ def outcome(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local_module, demo_manifest, tmp_path_factory):
-    out = tmp_path_factory.mktemp("faults") / "uninterrupted"
-    assert main(run_args(demo_manifest, out)) == 0
-    return outcome(out)
+def uninterrupted(reference_run):
+    return outcome(reference_run[1])
 
 
 def test_killed_between_every_pair_of_stages_the_rerun_finishes_as_if_never_killed(
-        uninterrupted, demo_manifest, tmp_path, monkeypatch):
+        uninterrupted, ray_local, demo_manifest, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = Console.stage
 
@@ -71,7 +66,7 @@ def test_killed_between_every_pair_of_stages_the_rerun_finishes_as_if_never_kill
 
 
 def test_a_write_that_fails_mid_way_loses_nothing_and_the_rerun_finishes_the_same(
-        uninterrupted, demo_manifest, tmp_path, monkeypatch, capsys):
+        uninterrupted, ray_local, demo_manifest, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_write = pq.write_table
 

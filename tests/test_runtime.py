@@ -19,15 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from alges_dist.data.manifest import mark_labeled, read_manifest, set_uris, write_manifest
-from cli_runs import FAST, Watched, instance_processes, raylet_pid, session_dir, sets, wait_for_line
+from cli_runs import REFERENCE_STRATEGY as STRATEGY
+from cli_runs import Watched, instance_processes, raylet_pid, reference_args, session_dir, wait_for_line
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-STRATEGY = "alges-img-kcenter"
-
-
-def run_args(pool, out, *extra):
-    return ["run", "--pool", str(pool), "--out", str(out), *sets(*FAST, f"loop.strategies=[{STRATEGY}]", *extra)]
 
 
 def picks(out):
@@ -42,23 +37,14 @@ def assert_left_nothing(watched, out, *, keep_logs=False):
     assert session_dir(log).exists() == keep_logs
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(demo_manifest, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    watched = Watched(run_args(demo_manifest, out))
-    code, stdout, stderr = watched.wait(600)
-    assert code == 0, stderr[-3000:]
-    return watched, out, picks(out)
-
-
-def test_a_finished_run_leaves_no_ray_process_and_no_session_folder(uninterrupted):
-    watched, out, _ = uninterrupted
+def test_a_finished_run_leaves_no_ray_process_and_no_session_folder(reference_run):
+    watched, out = reference_run
     assert_left_nothing(watched, out)
     assert "Reporting training result" not in watched.stdout + watched.stderr
 
 
-def test_without_a_tty_the_console_gets_one_line_per_stage_and_no_ray_lines(uninterrupted):
-    watched, out, _ = uninterrupted
+def test_without_a_tty_the_console_gets_one_line_per_stage_and_no_ray_lines(reference_run):
+    watched, out = reference_run
     lines = [line for line in watched.stderr.splitlines() if line.strip()]
     for stage in ("train", "evaluate", "score", "select"):
         assert any(re.fullmatch(rf"{STRATEGY} seed 0 round 0: {stage} done in \d+\.\d s( \(.*\))?", line)
@@ -69,20 +55,9 @@ def test_without_a_tty_the_console_gets_one_line_per_stage_and_no_ray_lines(unin
     assert (out / "ray-driver.log").exists()  # where Ray's C++ core writes in the driver
 
 
-def test_keep_ray_logs_keeps_the_session_folder(demo_manifest, tmp_path):
-    out = tmp_path / "run"
-    watched = Watched(["train", "--keep-ray-logs", "--pool", str(demo_manifest), "--out", str(out), *sets(*FAST)])
-    code, _, stderr = watched.wait(600)
-    assert code == 0, stderr[-3000:]
-    assert_left_nothing(watched, out, keep_logs=True)
-    shutil.rmtree(session_dir(out / "run.log"))
-
-
-@pytest.mark.parametrize(("stage", "signum"), [("train", signal.SIGINT), ("score", signal.SIGTERM)])
-def test_interrupt_stops_within_seconds_and_the_rerun_finishes_with_the_same_picks(
-        stage, signum, uninterrupted, demo_manifest, tmp_path):
-    out = tmp_path / "run"
-    watched = Watched(run_args(demo_manifest, out))
+def interrupt(out, demo_manifest, stage, signum):
+    """Start the reference run's command in ``out``, send ``signum`` inside ``stage``'s Ray job."""
+    watched = Watched(reference_args(demo_manifest, out))
     wait_for_line(out / "run.log", rf"{STRATEGY} seed 0 round 0: {stage}\n", 600, watched.proc)
     time.sleep(1.5)  # inside the stage's Ray job
     watched.signal(signum)
@@ -93,14 +68,22 @@ def test_interrupt_stops_within_seconds_and_the_rerun_finishes_with_the_same_pic
     round0 = out / "initial" / "seed_0" / "round_00"
     assert not (round0 / ("model.pt" if stage == "train" else "scores.json")).exists()  # nothing half-done counts
 
-    again = Watched(run_args(demo_manifest, out))
+
+def test_interrupts_stop_within_seconds_and_the_rerun_finishes_with_the_same_picks(
+        reference_run, demo_manifest, tmp_path):
+    # one folder, interrupted twice: Ctrl-C in training, then (resumed) SIGTERM in scoring
+    out = tmp_path / "run"
+    interrupt(out, demo_manifest, "train", signal.SIGINT)
+    interrupt(out, demo_manifest, "score", signal.SIGTERM)
+    again = Watched(reference_args(demo_manifest, out))
     code, _, stderr = again.wait(600)
     assert code == 0, stderr[-3000:]
     assert_left_nothing(again, out)
-    assert picks(out) == uninterrupted[2]
+    assert picks(out) == picks(reference_run[1])
 
 
 def test_an_error_mid_run_leaves_no_ray_process_and_the_failed_stage_does_not_count(demo_manifest, tmp_path):
+    # (that the rerun fails the same way again: test_faults.test_a_failed_scoring_stage_is_not_done_on_resume)
     table, encoding = read_manifest(demo_manifest)
     pool_ids = [f for f, s in zip(table["frame_id"].to_pylist(), table["split"].to_pylist()) if s == "pool"]
     table = mark_labeled(table, pool_ids[1:5], 0)  # the initial set; the broken frame is not in it
@@ -109,28 +92,29 @@ def test_an_error_mid_run_leaves_no_ray_process_and_the_failed_stage_does_not_co
     pool = tmp_path / "pool.parquet"
     write_manifest(set_uris(table, "image_uri", {pool_ids[0]: str(broken)}), pool, encoding)
     out = tmp_path / "run"
-    for attempt in range(2):  # the rerun must fail the same way, not skip the failed stage
-        watched = Watched(run_args(pool, out, "scoring.max_error_rate=0"))
-        code, _, stderr = watched.wait(600)
-        assert code == 2, stderr[-3000:]
-        assert "failed to decode, more than scoring.max_error_rate=0.0%" in stderr
-        assert "Traceback" not in stderr
-        assert_left_nothing(watched, out)
+    watched = Watched(reference_args(pool, out, "scoring.max_error_rate=0"))
+    code, _, stderr = watched.wait(600)
+    assert code == 2, stderr[-3000:]
+    assert "failed to decode, more than scoring.max_error_rate=0.0%" in stderr
+    assert "Traceback" not in stderr
+    assert_left_nothing(watched, out)
     assert not (out / "initial" / "seed_0" / "round_00" / "scores").exists()
     assert not list(out.rglob(".scores-*"))
 
 
-def test_two_runs_side_by_side_each_talk_to_their_own_instance(uninterrupted, demo_manifest, tmp_path):
+def test_two_runs_side_by_side_each_talk_to_their_own_instance_and_keep_their_logs(
+        reference_run, demo_manifest, tmp_path):
     outs = [tmp_path / f"run{i}" for i in range(2)]
-    watched = [Watched([*run_args(demo_manifest, out), "--num-cpus", "2", "--keep-ray-logs"]) for out in outs]
+    watched = [Watched([*reference_args(demo_manifest, out), "--num-cpus", "2", "--keep-ray-logs"]) for out in outs]
     for w in watched:
         code, _, stderr = w.wait(1200)
         assert code == 0, stderr[-3000:]
     sessions = [session_dir(out / "run.log") for out in outs]
     try:
         assert sessions[0] != sessions[1]
-        for out in outs:
-            assert picks(out) == uninterrupted[2]  # as alone, only slower
+        for w, out in zip(watched, outs):
+            assert_left_nothing(w, out, keep_logs=True)  # --keep-ray-logs: the session folder stays
+            assert picks(out) == picks(reference_run[1])  # as alone, only slower
         for session in sessions:
             for log in session.rglob("*"):
                 if log.is_file():
