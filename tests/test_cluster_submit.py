@@ -11,6 +11,7 @@ Both nodes are stopped by PID (never `ray stop`, which would end every Ray on th
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -117,17 +118,21 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
                         f"--address=127.0.0.1:{gcs}", "--num-cpus=3", "--num-gpus=1"],
                        check=True, env=env, timeout=300, capture_output=True)
         _wait_for_job_api(f"http://127.0.0.1:{dashboard}", env)
-        res = submit("run", "--pool", str(demo_manifest), "--out", str(out), *fast)
-        # people in the loop on the cluster: the job stops after the hand-off (exit 3), labels come in
-        # with `alges label` where the run folder is, and the same submission continues
-        human = ["run", "--pool", str(demo_manifest), "--out", str(people), *fast,
-                 *sets("loop.oracle=human", "loop.initial_strategy=kcenter")]
-        waiting.append(submit(*human))
-        _return_masks(demo_manifest, people / "initial" / "to_annotate.csv", tmp_path / "masks0")
-        from alges_dist.cli import main
+        # two jobs at once, as a shared cluster runs them: a simulated-oracle run, and people in the
+        # loop: that job stops after the hand-off (exit 3), labels come in with `alges label` where
+        # the run folder is, and the same submission continues
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            simulated = pool.submit(submit, "run", "--pool", str(demo_manifest), "--out", str(out), *fast)
+            human = ["run", "--pool", str(demo_manifest), "--out", str(people), *fast,
+                     *sets("loop.oracle=human", "loop.initial_strategy=kcenter")]
+            waiting.append(submit(*human))
+            if waiting[0].returncode == 3:
+                _return_masks(demo_manifest, people / "initial" / "to_annotate.csv", tmp_path / "masks0")
+                from alges_dist.cli import main
 
-        assert main(["label", "--out", str(people), "--masks", str(tmp_path / "masks0")]) == 0
-        waiting.append(submit(*human))
+                assert main(["label", "--out", str(people), "--masks", str(tmp_path / "masks0")]) == 0
+                waiting.append(submit(*human))
+            res = simulated.result()
     finally:
         _stop_by_pid(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -153,6 +158,7 @@ def test_a_two_node_cluster_runs_every_heavy_stage_on_the_gpu_node(demo_manifest
 
     for res in waiting:
         assert res.returncode == 3, res.stdout[-4000:] + res.stderr[-4000:]
+    assert len(waiting) == 2
     assert "the first batch: 4 frames await annotation" in waiting[0].stdout
     assert "round 0 of alges-img-kcenter/seed 0: 3 frames await annotation" in waiting[1].stdout
     first = json.loads((people / "initial" / "record.json").read_text())["stages"]
