@@ -153,3 +153,28 @@ def reference_run(demo_manifest, tmp_path_factory):
     code, _, stderr = watched.wait(600)
     assert code == 0, stderr[-3000:]
     return watched, out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1 for the session, stopped by its PID."""
+    import s3_server as s3
+
+    reason = s3.missing_reason()
+    if reason:
+        pytest.fail(reason)  # a dev dependency: its absence is a broken install, not a skip
+    if os.environ.get("ALGES_QUICK") == "1":
+        pytest.skip("starts a process (moto_server): not in the quick suite, run by make test")
+    with s3.running(tmp_path_factory.mktemp("s3") / "moto.log") as running:
+        running.make_buckets("unit", "frames", "pools", "archive", "side", "runs")
+        yield running
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """``s3_server`` with its endpoint and credentials in this process's environment (as a user sets
+    them); subprocesses get ``s3_server.environment()``."""
+    for key, value in s3_server.environment({}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return s3_server

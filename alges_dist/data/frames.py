@@ -26,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from alges_dist import storage
 from alges_dist.data.manifest import MaskEncoding
 from alges_dist.data.video import VideoError, parse_video_uri, read_frame
 from alges_dist.errors import InputError
@@ -78,12 +79,8 @@ def _open(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         with warnings.catch_warnings():  # PIL's own bomb warning; our cap below says more
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if "://" in uri:
-                from pyarrow import fs  # local import: only remote URIs need it
-
-                filesystem, path = fs.FileSystem.from_uri(uri)
-                with filesystem.open_input_file(path) as fh:
-                    image = Image.open(io.BytesIO(fh.read()))
+            if "://" in uri:  # an object store, or file://
+                image = Image.open(io.BytesIO(storage.read_bytes(uri)))
             else:
                 image = Image.open(uri)
         if image.width * image.height > max_pixels:

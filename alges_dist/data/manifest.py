@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from alges_dist import storage
 from alges_dist.data.atomic import atomic_path
 from alges_dist.errors import InputError
 
@@ -354,8 +355,12 @@ def write_manifest(table: pa.Table, path: str | os.PathLike[str], encoding: Mask
         raise TypeError(f"encoding must be a MaskEncoding, got {type(encoding).__name__}")
     table = validate_manifest(table, source=f"manifest for {path}")
     table = table.replace_schema_metadata({MASK_ENCODING_KEY: encoding.to_json().encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    if storage.is_uri(path):  # one PUT: the object appears whole or not at all
+        filesys, key = storage.filesystem(path)
+        pq.write_table(table, key, filesystem=filesys)
+    else:
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
     log.info("wrote manifest %s: %d frames (%s)", path, table.num_rows, _split_summary(table))
 
 
@@ -366,16 +371,18 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     row and frame_id) for a table or encoding that breaks the contract.
     """
     encoding = read_encoding(path)
-    table = pq.read_table(path)
+    filesys, key = storage.filesystem(path)
+    table = pq.read_table(key, filesystem=filesys)
     return Manifest(validate_manifest(table, source=f"manifest {path}"), encoding)
 
 
 def read_encoding(path: str | os.PathLike[str]) -> MaskEncoding:
     """The MaskEncoding of a manifest, from its footer alone (no rows read)."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"manifest {path} does not exist")
+    filesys, key = storage.filesystem(path)
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = pq.read_schema(key, filesystem=filesys).metadata or {}
     except pa.ArrowInvalid as err:
         raise InputError(f"manifest {path} is not a readable Parquet file ({err})") from None
     if MASK_ENCODING_KEY not in metadata:

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
+from alges_dist import storage
 from alges_dist.data.frames import DEFAULT_MAX_PIXELS, validate_frame
 from alges_dist.data.manifest import SPLITS, MaskEncoding, make_manifest, write_manifest
 from alges_dist.errors import InputError
@@ -157,11 +158,17 @@ def validate_frames(
 # ---------------------------------------------------------------------------- folders
 
 
-def _list_frames(folder: Path, role: str) -> dict[str, Path]:
-    if not folder.is_dir():
+def _list_frames(folder: Path | storage.ObjectPath, role: str) -> dict[str, Path | storage.ObjectPath]:
+    """Image files of a folder (or an object-store prefix, one level) by frame id (the stem)."""
+    if not storage.is_dir(folder):
         raise FileNotFoundError(f"{role} folder {folder} does not exist or is not a folder")
-    by_stem: dict[str, Path] = {}
-    for path in folder.iterdir():
+    if isinstance(folder, storage.ObjectPath):
+        prefix = folder.uri + "/"
+        files = [storage.ObjectPath(u) for u in storage.list_files(folder) if "/" not in u[len(prefix):]]
+    else:
+        files = list(folder.iterdir())
+    by_stem: dict[str, Path | storage.ObjectPath] = {}
+    for path in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         if path.stem in by_stem:
@@ -206,7 +213,7 @@ def ingest_folder(
       (FileNotFoundError, FrameDecodeError, ValueError) naming the file, and ``out`` is
       left as it was.
     """
-    images, out = Path(images), Path(out)
+    images, out = storage.as_path(images), storage.as_path(out)
     encoding = BINARY_ENCODING if encoding is None else encoding
     if split not in SPLIT_METHODS:
         raise InputError(f"split {split!r} is not one of {list(SPLIT_METHODS)}")
@@ -217,7 +224,7 @@ def ingest_folder(
     image_files = _list_frames(images, "images")
     mask_files: dict[str, Path | None] = dict.fromkeys(image_files)
     if masks is not None:
-        found = _list_frames(Path(masks), "masks")
+        found = _list_frames(storage.as_path(masks), "masks")
         no_mask = sorted(set(image_files) - set(found), key=natural_key)
         if no_mask:
             raise FileNotFoundError(
@@ -293,7 +300,7 @@ def check_default_map_keeps_labels(mask_paths: Sequence[str]) -> None:
 
     values: set[int] = set()
     for path in mask_paths:
-        with Image.open(path) as image:
+        with Image.open(storage.open_input(path)) as image:
             grey = np.asarray(image.convert("L")) if image.mode not in ("L", "P") else np.asarray(image)
         found = np.unique(grey)
         if found.max(initial=0) > BINARY_ENCODING.threshold:
@@ -302,7 +309,7 @@ def check_default_map_keeps_labels(mask_paths: Sequence[str]) -> None:
     if len(values) > 1:
         suggestion = ",".join(f"{v}:{i}" for i, v in enumerate(sorted(values)))
         raise InputError(
-            f"every mask in {Path(mask_paths[0]).parent} decodes to class 0 with the default map (> 127 is "
+            f"every mask in {storage.as_path(mask_paths[0]).parent} decodes to class 0 with the default map (> 127 is "
             f"class 1), but the masks hold the values {sorted(values)}: they look like class-id masks. "
             f"Give their map, e.g. --class-map '{suggestion}'")
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import av
 import numpy as np
 
+from alges_dist import storage
 from alges_dist.data.atomic import atomic_path
 from alges_dist.errors import InputError
 
@@ -141,6 +142,8 @@ class VideoInfo(NamedTuple):
 
 def _open(path: str | os.PathLike[str]) -> av.container.InputContainer:
     try:
+        if storage.is_uri(path):  # a seekable file over ranged GETs: only the GOPs decoded are read
+            return av.open(storage.open_input(path))
         return av.open(os.fspath(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None

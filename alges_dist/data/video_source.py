@@ -31,7 +31,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alges_dist.data.atomic import atomic_path
+from alges_dist import storage
 from alges_dist.data.frames import DEFAULT_MAX_PIXELS, FrameDecodeError, load_mask
 from alges_dist.data.manifest import MaskEncoding, make_manifest, write_manifest
 from alges_dist.data.sources import BINARY_ENCODING, _list_frames, natural_key, split_by_videos
@@ -71,10 +71,18 @@ SIDECAR_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
-def sidecar_path(manifest: str | os.PathLike[str]) -> Path:
-    """``POOL.videos.parquet`` beside ``POOL.parquet``."""
-    manifest = Path(manifest)
+def sidecar_path(manifest: str | os.PathLike[str]) -> Path | storage.ObjectPath:
+    """``POOL.videos.parquet`` beside ``POOL.parquet`` (a local path or an object-store URI)."""
+    manifest = storage.as_path(manifest)
+    if isinstance(manifest, storage.ObjectPath):
+        return storage.ObjectPath(f"{manifest.uri[:-len(manifest.name)]}{manifest.stem}.videos.parquet")
     return manifest.with_name(f"{manifest.stem}.videos.parquet")
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def parse_fps(text: str | float | Fraction) -> Fraction | None:
@@ -90,14 +98,18 @@ def parse_fps(text: str | float | Fraction) -> Fraction | None:
     return fps
 
 
-def find_videos(videos: str | os.PathLike[str]) -> list[Path]:
+def find_videos(videos: str | os.PathLike[str]) -> list[Path | storage.ObjectPath]:
     """Video files of a folder (recursively, by suffix) or of a glob pattern, in natural order.
 
     Raises FileNotFoundError when nothing matches, ValueError naming both files when two
     share a stem (the stem is the video id).
     """
     text = os.fspath(videos)
-    if Path(text).is_dir():
+    if storage.is_uri(text):  # a prefix in an object store: every object under it with a video suffix
+        found = [storage.ObjectPath(u) for u in storage.list_files(text, VIDEO_SUFFIXES)
+                 if not storage.name(u).startswith(".")]
+        where = f"{text} (suffixes {', '.join(VIDEO_SUFFIXES)})"
+    elif Path(text).is_dir():
         found = [p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
                  and not p.name.startswith(".")]
         where = f"folder {text} (suffixes {', '.join(VIDEO_SUFFIXES)})"
@@ -144,11 +156,10 @@ def _sample(path: Path, fps: Fraction | None, max_pixels: int) -> _Sampled:
 
 
 def _sidecar_row(video_id: str, path: Path, sampled: _Sampled) -> dict:
-    stat = path.stat() if path.exists() else None
+    size, mtime_ns = storage.size_and_mtime(path)
     info = sampled.info
     return {
-        "video_id": video_id, "path": str(path),
-        "size_bytes": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None,
+        "video_id": video_id, "path": str(path), "size_bytes": size, "mtime_ns": mtime_ns,
         "codec": info.codec if info else None, "width": info.width if info else None,
         "height": info.height if info else None, "time_base": str(info.time_base) if info else None,
         "start_pts": info.start_pts if info else None,
@@ -162,7 +173,7 @@ def _sidecar_row(video_id: str, path: Path, sampled: _Sampled) -> dict:
 def _attach_masks(frame_ids: list[str], video_of: list[str], sampled: dict[str, _Sampled], masks: Path,
                   encoding: MaskEncoding, max_pixels: int) -> list[str | None]:
     """``MASKS/FRAME_ID.<image suffix>`` per row (None without one); every mask decoded and size-checked."""
-    files = _list_frames(Path(masks), "masks")
+    files = _list_frames(masks, "masks")
     uris = [str(files[f].resolve()) if f in files else None for f in frame_ids]
     n_matched = sum(u is not None for u in uris)
     unmatched = sorted(set(files) - set(frame_ids), key=natural_key)
@@ -210,7 +221,7 @@ def ingest_video(
     VideoError, FrameDecodeError, ValueError) naming the file; ``skip_bad`` records
     unusable files in the sidecar instead. Nothing is written unless everything passes.
     """
-    out = Path(out)
+    out = storage.as_path(out)
     fps = parse_fps(fps) if not isinstance(fps, Fraction) and fps is not None else fps
     encoding = BINARY_ENCODING if encoding is None else encoding
     paths = [p.resolve() for p in find_videos(videos)]
@@ -235,7 +246,7 @@ def ingest_video(
         uris += [video_uri(path, t) for t in s.times]
         indices += s.indices
     split_of = split_by_videos({p.stem: len(sampled[p.stem].times) for p in good}, fractions)
-    mask_uris = (_attach_masks(frame_ids, video_of, sampled, Path(masks), encoding, max_pixels)
+    mask_uris = (_attach_masks(frame_ids, video_of, sampled, storage.as_path(masks), encoding, max_pixels)
                  if masks is not None else [None] * len(frame_ids))
     unlabeled_eval = sum(1 for v, m in zip(video_of, mask_uris) if split_of[v] != "pool" and m is None)
     if unlabeled_eval:
@@ -247,7 +258,6 @@ def ingest_video(
     hours = sum(float(sampled[p.stem].info.duration) for p in good) / 3600
     log.info("ingest %s: %d videos (%.2f h, %d skipped), %d frames at %s fps", videos, len(good), hours, len(bad),
              len(frame_ids), "native" if fps is None else f"{float(fps):g}")
-    with atomic_path(sidecar_path(out)) as tmp:
-        pq.write_table(sidecar, tmp)
+    storage.write_bytes(sidecar_path(out), _parquet_bytes(sidecar))
     write_manifest(table, out, encoding)  # last: a manifest on disk means the ingest finished
     return table
