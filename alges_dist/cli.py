@@ -300,7 +300,7 @@ def _rounds(args: argparse.Namespace) -> int:
     from alges_dist.run_folder import RunFolderLock
 
     # --pool is an override like any other, so RUN/config.yaml records the pool used
-    pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else Path(args.pool).resolve()}"]
+    pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else as_location(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
     pool = resolve_pool(cfg)
     if cfg.data.pool == "demo":  # the generated pool's path, so the run folder says which file it used

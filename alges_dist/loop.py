@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from alges_dist import people
+from alges_dist import people, storage
 from alges_dist.config import RESUMABLE_KEYS, Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
@@ -59,13 +59,14 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "evaluate", "score", "select", "label")
 
 
-def resolve_pool(cfg: Config) -> Path:
-    """The pool manifest path of data.pool ("demo" generates the demo pool on first use)."""
+def resolve_pool(cfg: Config) -> Path | storage.ObjectPath:
+    """The pool manifest of data.pool, a path or an object-store URI ("demo" generates the demo
+    pool on first use)."""
     pool = cfg.data.pool
     if pool == "demo":
         return demo_pool(Path(cfg.data.demo_cache) if cfg.data.demo_cache else None, seed=cfg.data.demo_seed)
-    path = Path(pool)
-    if not path.is_file():
+    path = storage.as_path(pool)
+    if not storage.exists(path) or storage.is_dir(path):
         raise FileNotFoundError(f"pool manifest {path} does not exist (write one with `alges ingest`)")
     return path
 
@@ -86,7 +87,7 @@ class Experiment(RunLayout):
 
     def __init__(self, cfg: Config, out: Path, pool: Path, *, use_gpu: bool | None = None):
         super().__init__(out)
-        self.cfg, self.pool = cfg, Path(pool)
+        self.cfg, self.pool = cfg, storage.as_path(pool)
         self._use_gpu = use_gpu
         self.summary: dict[str, Any] | None = None
         self.on_stage: Callable[..., None] | None = None

@@ -15,6 +15,7 @@ import pytest
 from alges_dist import storage
 from alges_dist.data.manifest import read_manifest
 from alges_dist.data.video import parse_video_uri, read_frame
+from cli_runs import FAST, sets
 from video_fixtures import write_archive
 
 
@@ -128,7 +129,8 @@ def test_manifests_and_frames_in_the_store_read_as_local_ones(s3, archive, tmp_p
             np.testing.assert_array_equal(a, b)
 
 
-def test_ingest_video_from_the_store_to_the_store_through_the_cli(s3_server, archive, tmp_path):
+@pytest.mark.slow
+def test_ingest_video_from_the_store_to_the_store_and_run_on_it_through_the_cli(s3_server, archive, tmp_path):
     videos, masks = archive
     env = s3_server.environment()
     upload = ("from alges_dist import storage; import sys, pathlib\n"
@@ -155,6 +157,23 @@ def test_ingest_video_from_the_store_to_the_store_through_the_cli(s3_server, arc
     assert shown[2] == "s3://archive/masks/case0_000000.png" and shown[-1] == "False"  # no credential stored
     path, t = parse_video_uri(shown[1])
     assert path == "s3://archive/videos/case0.mp4" and t == 0
+
+    # a run on the pool in the store: frames decoded from the store by the workers (the run folder is
+    # local here: a run folder in the store is the next part)
+    out = tmp_path.parent / f"{tmp_path.name}-run"
+    run = subprocess.run([sys.executable, "-m", "alges_dist.cli", "run", "--pool", "s3://archive/pools/pool.parquet",
+                          "--out", str(out), "--no-dashboard",
+                          *sets(*FAST, "loop.strategies=[alges-img-kcenter]", "data.n_classes=5")],
+                         env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "pool: s3://archive/pools/pool.parquet" in (out / "config.yaml").read_text()
+    picks = pq.read_table(out / "alges-img-kcenter" / "seed_0" / "round_00" / "selection.parquet")
+    assert picks.num_rows == 3
+    initial = read_manifest(out / "initial" / "manifest.parquet").table
+    uris = dict(zip(initial["frame_id"].to_pylist(), initial["image_uri"].to_pylist()))
+    assert all(uris[f].startswith("s3://archive/videos/") for f in picks["frame_id"].to_pylist())
+    assert s3_server.secret_key not in (out / "run.log").read_text() + run.stdout + run.stderr
+    assert list(tmp_path.iterdir()) == []  # the working directory stays empty
 
 
 def test_the_sidecar_of_a_pool_in_the_store_sits_beside_it(s3, archive):

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from alges_dist import storage
 from alges_dist.data.manifest import (
     check_pool_for_run,
     filter_manifest,
@@ -28,7 +29,7 @@ from alges_dist.errors import InputError
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with storage.open_input(path) as fh:  # a local file or an object-store URI
         for block in iter(lambda: fh.read(chunk_bytes), b""):
             digest.update(block)
     return digest.hexdigest()
