@@ -8,7 +8,8 @@ On a synthetic H.264 clip (textured scene panned by a moving camera plus sensor 
   (b) one seek per frame (``load_image(VIDEO#t=...)`` for every row);
   (c) PNG decode of the same frames, exported as the hand-off writes them;
 
-then the Ray Data scoring job (1 actor) on the video pool against the same frames as a
+the bytes a chunk reads from an S3-compatible store (a local moto server) against the bytes
+of its GOPs (target < 2x: ranged reads, not the whole object), then the Ray Data scoring job (1 actor) on the video pool against the same frames as a
 PNG pool, and an archive sizing table from the measured chunked rate. Targets: a/b >= 3,
 video job / PNG job >= 0.9.
 
@@ -89,6 +90,65 @@ def decode_rates(clip: Path, png_dir: Path) -> dict[str, float]:
     return rates
 
 
+def gop_bytes(clip: Path, first: Fraction, last: Fraction) -> int:
+    """Bytes of the packets a decoder needs for targets first..last: from the keyframe at or
+    before ``first`` to the end of the GOP holding ``last`` (demux only)."""
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        packets = [(float(p.pts * stream.time_base), p.size, p.is_keyframe)
+                   for p in container.demux(stream) if p.pts is not None]
+    packets.sort()
+    keys = [t for t, _, key in packets if key]
+    start = max([k for k in keys if k <= first] or [keys[0]])
+    end = min([k for k in keys if k > last] or [float("inf")])
+    return sum(size for t, size, _ in packets if start <= t < end)
+
+
+def store_reads(clip: Path, tmp: Path) -> list[dict[str, float]]:
+    """Chunked decode of the clip from an S3-compatible store (a local moto server): bytes the
+    decoder pulled per chunk, against the bytes of the chunk's GOPs and the whole object."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import s3_server
+
+    from alges_dist import storage
+    from alges_dist.data.video import iter_frames, probe_video, sample_times
+    from alges_dist.distributed.decode_stage import VIDEO_CHUNK_FRAMES
+
+    times = sample_times(probe_video(clip).duration, Fraction(1))
+    rows = []
+    with s3_server.running(tmp / "moto.log") as server:
+        server.make_buckets("bench")
+        os.environ.update(server.environment({}))
+        uri = "s3://bench/archive/clip.mp4"
+        storage.write_bytes(uri, clip.read_bytes())
+        real_open = storage.open_input
+        for start in range(0, len(times), VIDEO_CHUNK_FRAMES):
+            chunk, pulled = times[start:start + VIDEO_CHUNK_FRAMES], []
+
+            class Counting:
+                def __init__(self, inner):
+                    self.inner = inner
+
+                def read(self, n=-1):
+                    data = self.inner.read(n)
+                    pulled.append(len(data))
+                    return data
+
+                def __getattr__(self, name):
+                    return getattr(self.inner, name)
+
+            storage.open_input = lambda location: Counting(real_open(location))
+            try:
+                decoded = sum(rgb is not None for _, rgb, _ in iter_frames(uri, chunk))
+            finally:
+                storage.open_input = real_open
+            rows.append({"rows": len(chunk), "decoded": decoded, "read": sum(pulled),
+                         "gops": gop_bytes(clip, chunk[0], chunk[-1]), "file": clip.stat().st_size})
+    return rows
+
+
 def job_rates(clip: Path, seconds: int, size: int, tmp: Path) -> dict[str, float]:
     """Ray Data scoring job, 1 actor, on the clip's 1 fps rows and on the same frames as PNG files."""
     import ray
@@ -146,6 +206,7 @@ def main() -> None:
             print(f"encoded {seconds} s of {args.width}x{args.height} H.264 (GOP 250) in "
                   f"{time.perf_counter() - start:.0f} s, {clips[seconds].stat().st_size / 1e6:.1f} MB", flush=True)
         rates = decode_rates(clips[args.seconds], tmp / "png")
+        reads = store_reads(clips[args.seconds], tmp)
         job = job_rates(clips[args.job_seconds], args.job_seconds, args.job_size, tmp) if args.job_seconds else None
 
     print(f"\n{args.width}x{args.height} H.264, 25 fps, GOP 250, {rates['frames']} rows at 1 fps, "
@@ -157,6 +218,13 @@ def main() -> None:
                       ("c", "(c) PNG files of the same frames")):
         print(f"| {name} | {rates[key]:.1f} | {1000 / rates[key]:.1f} |")
     print(f"\na/b = {rates['a'] / rates['b']:.2f} (target >= 3), a/c = {rates['a'] / rates['c']:.2f}")
+    print(f"\nChunked decode from an S3-compatible store (moto on 127.0.0.1, ranged GETs through "
+          f"alges_dist.storage), {reads[0]['file'] / 1e6:.1f} MB object; target: read / GOP bytes < 2\n")
+    print("| chunk | rows | decoded | bytes read | bytes of its GOPs | read / GOPs | read / object |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(reads):
+        print(f"| {i} | {r['rows']} | {r['decoded']} | {r['read']:,} | {r['gops']:,} | {r['read'] / r['gops']:.2f} "
+              f"| {r['read'] / r['file']:.2f} |")
     if job:
         print(f"\nRay Data scoring job, 1 actor, Unet-resnet18 {job['size']}x{job['size']}, {job['frames']} frames "
               f"(best of 2, alternated): video pool {job['video']:.2f} frames/s, PNG pool {job['png']:.2f} frames/s, "
