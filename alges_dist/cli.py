@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 
 from alges_dist.errors import AlgesError, InputError  # stdlib only: help stays fast
-from alges_dist.storage import as_location  # stdlib only (pyarrow on use)
+from alges_dist.storage import as_location, is_uri  # stdlib only (pyarrow on use)
 
 log = logging.getLogger("alges_dist")
+
+
+def run_folder_path(text: str) -> Path:
+    """argparse ``type=`` of a run folder: local or a shared POSIX mount (``Path("s3://b/x")``
+    would quietly make a local folder named ``s3:``)."""
+    if is_uri(text):
+        raise argparse.ArgumentTypeError(f"{text}: a run folder in an object store is not supported yet; give a "
+                                         "local or shared folder (pools, videos and masks may be s3:// URIs)")
+    return Path(text)
 FORMAT_NAMES = ("labelstudio", "cvat", "coco")  # alges_dist.annotation.formats.FORMATS (not imported: help stays fast)
 
 ROUND_COMMANDS = {
@@ -37,7 +46,7 @@ def _add_round_args(p: argparse.ArgumentParser, *, default_out: str | None = Non
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--pool", help='pool manifest (overrides data.pool; "demo" = generated pool)')
-    p.add_argument("--out", type=Path, required=default_out is None, default=default_out,
+    p.add_argument("--out", type=run_folder_path, required=default_out is None, default=default_out,
                    help="run folder; holds every stage's output and results.csv")
     p.add_argument("--num-cpus", type=int, metavar="N",
                    help="local mode: CPUs this command's Ray instance uses (default: all); run several "
@@ -116,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="learning curves, tables, AULC and the last query batch of a run folder",
         description="Write RUN/report/ (PNG figures, CSV and Markdown tables, report.html that opens offline) "
         "from the run folder alone. `alges run` and `alges demo` do this at the end.")
-    report.add_argument("run", type=Path, help="the run folder (--out of alges run)")
+    report.add_argument("run", type=run_folder_path, help="the run folder (--out of alges run)")
     report.add_argument("--metric", choices=["dice", "miou"], default="dice", help="metric of the AULC table")
     report.add_argument("--baseline", action="append", default=[], metavar="STRATEGY",
                         help="compare every strategy with this one too, paired by seed (random always; repeatable)")
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a folder of masks (MASKS/FRAME_ID.<ext>, in the pool's encoding) or from an annotation tool's export "
         "(Label Studio JSON, CVAT XML/zip incl. Segmentation mask 1.1, COCO JSON; `labelstudio` pulls the "
         "batch from the configured server). Then rerun `alges run`.")
-    label.add_argument("--out", type=Path, required=True, help="the run folder")
+    label.add_argument("--out", type=run_folder_path, required=True, help="the run folder")
     source = label.add_mutually_exclusive_group(required=True)
     source.add_argument("--masks", type=Path, help="folder of masks named FRAME_ID.png")
     source.add_argument("--from", dest="source", metavar="EXPORT",
@@ -148,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the pending batch's frames, the masks predicted by the model that picked it (as "
         "pre-annotations) and the class names/colours for an annotation tool, with a README on how to load it. "
         "Bring the labels back with `alges label --from`.")
-    export.add_argument("--out", type=Path, required=True, help="the run folder")
+    export.add_argument("--out", type=run_folder_path, required=True, help="the run folder")
     export.add_argument("--strategy", help="which strategy's batch (needed only when several batches wait)")
     export.add_argument("--seed", type=int, help="which seed's batch (needed only when several batches wait)")
     export.add_argument("--format", choices=FORMAT_NAMES, required=True)

@@ -186,3 +186,16 @@ def test_the_sidecar_of_a_pool_in_the_store_sits_beside_it(s3, archive):
     sidecar = pq.read_table(storage.open_input("s3://side/p/pool.videos.parquet"))
     assert sidecar["path"].to_pylist() == [f"s3://side/videos/case{i}.mp4" for i in range(4)]
     assert all(size > 0 for size in sidecar["size_bytes"].to_pylist())
+
+
+def test_a_run_folder_in_the_store_is_refused_by_name_not_made_locally(tmp_path, monkeypatch, capsys):
+    from alges_dist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["run", "--out", "s3://runs/x"], ["report", "s3://runs/x"], ["label", "--out", "s3://runs/x",
+                                                                                "--masks", "m"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "s3://runs/x: a run folder in an object store is not supported yet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:"
