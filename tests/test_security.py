@@ -3,6 +3,7 @@ an allow-listed job upload, a pinned non-root image, spreadsheet-safe hand-off C
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -78,11 +79,16 @@ def test_local_ray_listens_on_loopback_and_refuses_clients_without_the_token(dem
             with socket.socket() as s, pytest.raises(ConnectionRefusedError):
                 s.settimeout(5)
                 s.connect((address, port))
-        no_token = _connect(gcs, RAY_AUTH_MODE=CLIENT_WITHOUT_AUTH)  # a client that sends no token
+        clients = {  # three clients at once (each a Python + Ray start-up)
+            "no token": {"RAY_AUTH_MODE": CLIENT_WITHOUT_AUTH},
+            "wrong token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+            "the user's token": {"RAY_AUTH_MODE": "token"},  # the token this user's commands write to ~/.ray
+        }
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+            done = {name: pool.submit(_connect, gcs, **env) for name, env in clients.items()}
+            no_token, wrong, right = (done[name].result() for name in clients)
         assert no_token.returncode != 0 and "RAN" not in no_token.stdout
-        wrong = _connect(gcs, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
         assert wrong.returncode != 0 and "RAN" not in wrong.stdout
-        right = _connect(gcs, RAY_AUTH_MODE="token")  # the token this user's commands write to ~/.ray
         assert "RAN 42" in right.stdout, right.stderr[-2000:]  # the same client with the token runs code
     finally:
         watched.signal(signal.SIGINT)
