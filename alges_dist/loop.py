@@ -186,7 +186,7 @@ class Experiment(RunLayout):
                              out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu,
                              on_progress=self.on_progress)
         last = result.history[-1] if result.history else {}
-        return {"where": result.where, "seconds": result.seconds,
+        return {"where": result.where, "seconds": result.seconds, "fixed_s": result.timings["fixed_s"],
                 **{k: last[k] for k in ("train_loss", "val_dice") if k in last}}
 
     def evaluate(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
@@ -331,6 +331,8 @@ class Experiment(RunLayout):
             if path.exists():
                 d = json.loads(path.read_text())
                 stages[stage] = {"where": d.get("where") or d.get("workers"), "seconds": d.get("seconds")}
+                if "timings" in d:  # where the stage's seconds went (issue 24)
+                    stages[stage]["timings"] = d["timings"]
         record = {
             "strategy": strategy, "seed": seed, "round": r,
             "n_labeled": count_labeled(self.manifest_file(strategy, seed), up_to_round=r),

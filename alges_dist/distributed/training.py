@@ -15,8 +15,11 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, NamedTuple
+
+_IMPORT_STARTED = time.time()  # this module's imports (torch, smp) in a fresh worker: a phase of the fit
+
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, NamedTuple  # noqa: E402
 
 import numpy as np
 import pyarrow.compute as pc
@@ -29,6 +32,7 @@ from alges_dist.data.manifest import filter_manifest, read_manifest
 from alges_dist.evaluation import evaluate
 from alges_dist.models import build_model, load_model
 
+_IMPORT_DONE = time.time()
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +50,7 @@ def initial_weights(cfg: Config | dict[str, Any], path: Path | str, seed: int) -
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker process."""
+    entered = time.time()
     import ray.train
     import ray.train.torch
 
@@ -69,6 +74,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     )
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
+    data_ready = time.time()
     model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, loop_config["init_weights"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start_epoch, history = 0, []
@@ -91,6 +97,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     from alges_dist.distributed.tasks import here
 
     where = here(str(device)).as_dict()
+    # wall-clock marks of this worker's phases (the driver adds its own: TrainResult.timings)
+    marks = {"process_started": _process_started(), "imports_started": _IMPORT_STARTED,
+             "imports_done": _IMPORT_DONE, "loop_entered": entered, "data_ready": data_ready,
+             "model_ready": time.time()}
+    spent = {"train_s": 0.0, "validation_s": 0.0, "checkpoint_s": 0.0}
     progress = Path(loop_config["progress"]) if rank == 0 and loop_config.get("progress") else None
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_started = time.perf_counter()
@@ -110,6 +121,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             loss_sum, n_batches = loss_sum + loss.item(), n_batches + 1
+        trained = time.perf_counter()
+        spent["train_s"] += trained - epoch_started
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1)}
         every = cfg.train.val_every
         validate = epoch == cfg.train.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
@@ -125,6 +138,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 device=device,
             )
             metrics.update(val_dice=val["dice"], val_miou=val["miou"])
+        spent["validation_s"] += time.perf_counter() - trained
         metrics["seconds"] = time.perf_counter() - epoch_started  # the epoch's own work (bench_local: fixed cost)
         history.append({**metrics, "resumed_from_epoch": start_epoch})
         if progress is not None:  # the driver's console reads it (one line per fit, or a bar on a TTY)
@@ -133,15 +147,19 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         # epochs writing one every epoch costs more than the epoch itself.
         last = epoch == cfg.train.epochs - 1
         save = (epoch + 1) % cfg.train.checkpoint_every == 0 or last
+        saving = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and save:  # only rank 0 writes; the others report metrics only
                 torch.save(bare.state_dict(), Path(tmp) / "model.pt")
                 if not last:  # Adam's state only matters to a fit that goes on (2x the weights to write)
                     torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-                (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "where": where}))
+                marks["last_checkpoint_started"] = time.time()
+                (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "where": where,
+                                                                  "marks": marks, "spent": spent}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        spent["checkpoint_s"] += time.perf_counter() - saving
 
 
 class TrainResult(NamedTuple):
@@ -149,6 +167,48 @@ class TrainResult(NamedTuple):
     history: list[dict[str, Any]]  # one entry per epoch: epoch, train_loss, val_dice, val_miou
     where: dict[str, Any]  # rank 0's node and device
     seconds: float
+    timings: dict[str, float]  # where the fit's seconds went, phase by phase (fit_phases)
+
+
+def _process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+# (phase, the mark that ends it), in the order a fit goes through them; each phase starts at the
+# previous mark (marks before the fit began, e.g. a module imported by an earlier task in the same
+# process, count as no time)
+_PHASES = (
+    ("prepare_s", "fit_called"),  # the trainer built in the driver
+    ("worker_start_s", "process_started"),  # the controller, the placement group, the worker's process
+    ("worker_boot_s", "imports_started"),  # Python and Ray in the new process, the worker actor
+    ("imports_s", "imports_done"),  # torch, smp and this module, unpickling the training function
+    ("train_setup_s", "loop_entered"),  # Ray Train's worker group and backend set-up
+    ("dataset_s", "data_ready"),  # the manifest, the datasets and the loader
+    ("model_s", "model_ready"),  # the initial weights, the optimizer, resuming a checkpoint
+    ("epochs_s", "last_checkpoint_started"),  # train + validation + checkpoints before the last
+    ("hand_back_s", "fit_returned"),  # the final checkpoint persisted and reported, the group shut down
+    ("save_s", "saved"),  # model.pt renamed into the round, train.json
+)
+
+
+def fit_phases(marks: dict[str, float], spent: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of a fit from wall-clock marks (``called``, ``fit_called``, the worker's marks and the
+    driver's ``fit_returned`` / ``saved``), plus the epochs' split into train, validation and
+    checkpoint seconds. Marks of rank 0 and the driver are on different hosts on a cluster: there
+    the start and hand-back phases are as good as the clocks' agreement."""
+    out, previous = {}, marks["called"]
+    for phase, mark in _PHASES:
+        at = max(marks.get(mark, previous), previous)
+        out[phase], previous = round(at - previous, 3), at
+    out.update({k: round(v, 3) for k, v in spent.items()})
+    out["fixed_s"] = round(out_total(out) - out["train_s"] - out["validation_s"], 3)
+    return out
+
+
+def out_total(phases: dict[str, float]) -> float:
+    return sum(phases[p] for p, _ in _PHASES)
 
 
 def _local_trainer_class():
@@ -193,7 +253,7 @@ def train_model(
 
     from alges_dist.distributed.tasks import on_worker
 
-    t0 = time.perf_counter()
+    t0, called = time.perf_counter(), time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = (out_dir / "ray_train").resolve()
     progress = out_dir / "progress.json"
@@ -229,7 +289,9 @@ def train_model(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
+    fit_called = time.time()
     result = _fit_interruptibly(trainer, progress, on_progress)
+    fit_returned = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"training under {storage} finished without a checkpoint: {result.error!r}")
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -242,12 +304,16 @@ def train_model(
         else:
             with atomic_path(out_dir / "model.pt") as tmp:
                 shutil.copyfile(source, tmp)
+    timings = fit_phases({**state.get("marks", {}), "called": called, "fit_called": fit_called, "fit_returned": fit_returned,
+                          "saved": time.time()}, state.get("spent", {"train_s": 0.0, "validation_s": 0.0,
+                                                                     "checkpoint_s": 0.0}))
     seconds = time.perf_counter() - t0
-    record = {"history": state["history"], "where": state.get("where", {}), "seconds": seconds}
+    record = {"history": state["history"], "where": state.get("where", {}), "seconds": seconds, "timings": timings}
     atomic_write_text(out_dir / "train.json", json.dumps(record, indent=1))
     shutil.rmtree(storage, ignore_errors=True)  # the model is kept; Ray's copies are not needed
     progress.unlink(missing_ok=True)
-    return TrainResult(out_dir / "model.pt", state["history"], record["where"], seconds)
+    log.info("fit of %s in %.1f s: %s", out_dir, seconds, ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    return TrainResult(out_dir / "model.pt", state["history"], record["where"], seconds, timings)
 
 
 def _has_cuda() -> bool:
