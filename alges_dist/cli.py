@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from alges_dist.errors import AlgesError, InputError  # stdlib only: help stays fast
 
@@ -347,9 +348,18 @@ def _rounds(args: argparse.Namespace) -> int:
                 console.close()
             print(format_results(exp.results_path))
             if args.command in ("run", "demo"):
-                report = write_report(args.out)
+                report = write_report(args.out, predict=_predict_on_worker)
                 print((report.parent / "headline.md").read_text() + f"report: {report}")
     return 0
+
+
+def _predict_on_worker(*args: Any) -> Any:
+    """The report's predicted masks (``handoff.predict_masks``) on a warm Ray worker: the driver
+    never imports torch and smp (4-5 s; issue 24)."""
+    from alges_dist.distributed.tasks import on_worker
+    from alges_dist.handoff import predict_masks
+
+    return on_worker(predict_masks, *args)[0]
 
 
 # What a user can fix: our own classes (a setting, file or row named in the message, a failed

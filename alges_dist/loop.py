@@ -174,15 +174,13 @@ class Experiment(RunLayout):
 
     # ---- stages ------------------------------------------------------------------
     def train(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
-        from alges_dist.distributed.training import initial_weights, train_model
+        from alges_dist.distributed.training import train_model
 
         cfg = self.cfg
-        init = self.init_weights_path(seed)
-        if not init.exists():
-            on_worker(initial_weights, self.cfg_dict, str(init.resolve()), cfg.train.seed + seed)
+        init, init_seed = self.init_weights_path(seed), cfg.train.seed + seed  # the fit writes init on first use
         if cfg.train.init == "finetune" and r > 0:
-            init = self.model_path(strategy, seed, r - 1)
-        result = train_model(cfg, self._labels_of(strategy, seed, r), init_weights=init,
+            init, init_seed = self.model_path(strategy, seed, r - 1), None
+        result = train_model(cfg, self._labels_of(strategy, seed, r), init_weights=init, init_seed=init_seed,
                              out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu,
                              on_progress=self.on_progress)
         last = result.history[-1] if result.history else {}
@@ -206,7 +204,7 @@ class Experiment(RunLayout):
         frame with a mask, with the rounds' recipe and initial weights, and evaluate on the test
         split, both on workers. Resumable like the stages: the record, then the model, mark what is done."""
         from alges_dist.distributed.evaluation_job import evaluate_checkpoint
-        from alges_dist.distributed.training import initial_weights, train_model
+        from alges_dist.distributed.training import train_model
 
         cfg = self.cfg
         if self.reference_record_path(seed).exists():
@@ -216,10 +214,8 @@ class Experiment(RunLayout):
                       max_pixels=self.cfg.data.max_pixels)
         if not self.reference_model_path(seed).exists():
             self._notify("start", "train", "full-data reference", seed, 0, {})
-            init = self.init_weights_path(seed)
-            if not init.exists():
-                on_worker(initial_weights, self.cfg_dict, str(init.resolve()), cfg.train.seed + seed)
-            result = train_model(cfg, self.reference_manifest_path, init_weights=init, out_dir=self.reference_dir(seed),
+            result = train_model(cfg, self.reference_manifest_path, init_weights=self.init_weights_path(seed),
+                                 init_seed=cfg.train.seed + seed, out_dir=self.reference_dir(seed),
                                  use_gpu=self.use_gpu, on_progress=self.on_progress)
             self._notify("done", "train", "full-data reference", seed, 0, {"seconds": result.seconds})
         # the initial manifest: its test frames are files (video frames written once), never video seeks
@@ -236,7 +232,7 @@ class Experiment(RunLayout):
         result = score_pool(self.cfg, self._labels_of(strategy, seed, r), self.model_path(strategy, seed, r),
                             self.model_dir(strategy, seed, r), use_gpu=self.use_gpu)
         return {"n_scored": result.n_scored, "n_errors": result.n_errors, "workers": result.workers,
-                "seconds": result.seconds}
+                "seconds": result.seconds, "fixed_s": round(result.seconds - result.timings["stream_s"], 3)}
 
     def select(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         """Pick the batch on a worker (one GPU when the run uses GPUs; sharded over actors when

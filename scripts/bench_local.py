@@ -31,6 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+PHASES: dict[str, list[dict[str, float]]] = {"fit": [], "scoring (actors)": [], "scoring (tasks)": []}
+
+
 def _fit(cfg, manifest, init, out: Path) -> tuple[float, float]:
     """alges's fit (``train_model``): wall seconds and the seconds its epochs took."""
     from alges_dist.distributed.training import train_model
@@ -39,6 +42,7 @@ def _fit(cfg, manifest, init, out: Path) -> tuple[float, float]:
     t0 = time.perf_counter()
     result = train_model(cfg, manifest, init_weights=init, out_dir=out, use_gpu=False)
     wall = time.perf_counter() - t0
+    PHASES["fit"].append(result.timings)
     return wall, sum(h["seconds"] for h in result.history)
 
 
@@ -66,6 +70,22 @@ def _baseline_fit(cfg, manifest, init, out: Path) -> tuple[float, float]:
     with result.checkpoint.as_directory() as ckpt:
         history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
     return wall, sum(h["seconds"] for h in history)
+
+
+def _scoring_job(cfg, manifest, model_path: Path, out: Path, compute: str) -> float:
+    from alges_dist.distributed.scoring_job import score_pool
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    result = score_pool(cfg, manifest, model_path, out, use_gpu=False, compute=compute)
+    PHASES[f"scoring ({compute})"].append(result.timings)
+    return time.perf_counter() - t0
+
+
+def _phase_table(rows: list[dict[str, float]]) -> list[str]:
+    """Median seconds per phase over the runs of one kind (markdown rows)."""
+    return [f"| {k} | {float(np.median([r[k] for r in rows])):.2f} |" for k in rows[0]]
 
 
 def _scoring(cfg, manifest, model_path: Path, out: Path) -> tuple[float, float, int]:
@@ -134,6 +154,12 @@ def main() -> None:
         for key, value in runtime.LOCAL_TRAIN_ENV.items():
             os.environ[key] = value
         score_wall, score_work, n_scored = _scoring(cfg, manifest, work / "fit_0" / "model.pt", work / "scores")
+        jobs: dict[str, list[float]] = {"actors": [], "tasks": []}
+        for i in range(args.repeats):  # alternated, as the fits: the same load for both
+            for compute in jobs:
+                jobs[compute].append(_scoring_job(cfg, manifest, work / "fit_0" / "model.pt", work / "scores",
+                                                  compute))
+                print(f"  scoring job {i} ({compute}): {jobs[compute][-1]:.1f} s", flush=True)
         if not ray.is_initialized():
             raise RuntimeError("Ray stopped during the benchmark")
 
@@ -158,11 +184,19 @@ def main() -> None:
               f"{median / float(np.median(base)):.2f} |")
     print(f"| scoring job fixed cost ({n_scored} frames: {score_wall:.1f} s job - {score_work:.1f} s of "
           f"score_batch) | {score_wall - score_work:.1f} | | |")
+    for compute, values in jobs.items():
+        print(f"| scoring job wall ({n_scored} frames, compute={compute}) | {', '.join(f'{v:.1f}' for v in values)} | "
+              f"{float(np.median(values)):.1f} | {float(np.median(values)) / float(np.median(jobs['actors'])):.2f} |")
     if demo_seconds is not None:
         print(f"| `alges demo` (what `make demo` runs once installed) | {demo_seconds:.1f} | | |")
+    for kind, rows in PHASES.items():  # where the seconds went (train.json / scores.json ``timings``)
+        if rows:
+            print(f"\n| {kind}: phase (median of {len(rows)}) | seconds |\n|---|---:|")
+            print("\n".join(_phase_table(rows)))
     if args.json:
         args.json.write_text(json.dumps({"load": load, "fits": fits, "scoring": [score_wall, score_work, n_scored],
-                                         "demo_seconds": demo_seconds}, indent=1))
+                                         "scoring_jobs": jobs, "phases": PHASES, "demo_seconds": demo_seconds},
+                                        indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 
