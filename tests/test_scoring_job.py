@@ -55,23 +55,21 @@ def _check_equals_in_process(cfg, checkpoint, manifest, scores_dir):
         np.testing.assert_allclose(got, expected.reshape(len(sample), -1), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("compute", ["actors", "tasks"])  # the cluster's actor pool, local mode's warm tasks
-def test_ray_data_scores_equal_in_process_score_batch(ray_local, demo_manifest, checkpoint, tmp_path, compute):
+def test_ray_data_scores_equal_in_process_score_batch(ray_local, demo_manifest, checkpoint, tmp_path):
     cfg = _cfg()
-    result = score_pool(cfg, demo_manifest, checkpoint, tmp_path, use_gpu=False, compute=compute)
+    result = score_pool(cfg, demo_manifest, checkpoint, tmp_path, use_gpu=False)
     assert result.n_errors == 0 and result.n_scored == 24
     _check_equals_in_process(cfg, checkpoint, demo_manifest, result.scores_dir)
     schema = pq.read_schema(next(result.scores_dir.glob("*.parquet")))
     assert schema.field("alges_img_proj").type.list_size == 32  # fixed-size lists
 
 
-@pytest.mark.parametrize("compute", ["actors", "tasks"])
-def test_killed_scorer_still_scores_every_frame_once(ray_local, demo_manifest, checkpoint, tmp_path, compute):
+def test_killed_actor_still_scores_every_frame_once(ray_local, demo_manifest, checkpoint, tmp_path):
     cfg = _cfg()
-    marker = tmp_path / "scorer-killed"
-    result = score_pool(cfg, demo_manifest, checkpoint, tmp_path, use_gpu=False, compute=compute,
+    marker = tmp_path / "actor-killed"
+    result = score_pool(cfg, demo_manifest, checkpoint, tmp_path, use_gpu=False,
                         fault_injection={"marker": str(marker)})
-    assert marker.exists()  # an actor (a task's worker) died mid-job
+    assert marker.exists()  # an actor died mid-job
     assert result.timings["stream_s"] > 0 and set(result.timings) >= {"plan_s", "imports_s", "model_load_s"}
     _check_equals_in_process(cfg, checkpoint, demo_manifest, result.scores_dir)
 

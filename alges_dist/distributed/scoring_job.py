@@ -118,28 +118,6 @@ class Scorer:
         return pa.Table.from_pydict(columns, schema=self.schema)
 
 
-# Task-pool scoring (local CPU runs): the job's Scorer, built once in each worker process that
-# serves it and replaced by the next job's (keyed on the job's id, never reused across jobs).
-_JOB_SCORER: dict[str, Scorer] = {}
-
-
-def score_block(batch: dict[str, np.ndarray], *, job: str, **scorer_kwargs: Any) -> pa.Table:
-    """Ray Data task: score one batch with this process's Scorer for ``job`` (built on first use).
-
-    On a local CPU instance a scoring actor is a new process that imports torch and smp before
-    its first batch (~6 s on the 2-core machine, most of a small job's time: issue 24); the
-    instance's task workers already did (the evaluate stage runs just before) and stay warm.
-    """
-    scorer = _JOB_SCORER.get(job)
-    if scorer is None:
-        _JOB_SCORER.clear()  # the previous job's model goes with it
-        scorer = _JOB_SCORER[job] = Scorer(**scorer_kwargs)
-    return scorer(batch)
-
-
-COMPUTE = ("actors", "tasks")
-
-
 class ScoreResult(NamedTuple):
     scores_dir: Path
     n_scored: int
@@ -149,12 +127,11 @@ class ScoreResult(NamedTuple):
     timings: dict[str, float]  # where the job's seconds went (job_phases)
 
 
-# (phase, the mark that ends it), in order; the scorer's marks are the first scorer's (the first to
-# score a batch). As for fits (training.fit_phases), marks before the job began count as no time:
-# a warm task worker (compute="tasks") has no start, boot or import phase.
+# (phase, the mark that ends it), in order; the scorer's marks are the first actor's (the first to
+# score a batch). As for fits (training.fit_phases), marks before the job began count as no time.
 _JOB_PHASES = (
     ("plan_s", "plan_built"),  # the manifest read, the decode stage and the actor stage declared
-    ("worker_start_s", "process_started"),  # execution starts, the scorer's process is spawned (actors)
+    ("worker_start_s", "process_started"),  # execution starts, the actor's process is spawned
     ("worker_boot_s", "init_started"),  # Python and Ray in the new process, Ray Data's actor set-up
     ("imports_s", "imports_done"),  # torch, smp and the scoring modules
     ("model_load_s", "model_ready"),  # the checkpoint loaded, the score dims probed
@@ -182,26 +159,13 @@ def score_pool(
     *,
     use_gpu: bool,
     fault_injection: dict[str, Any] | None = None,
-    compute: str | None = None,
 ) -> ScoreResult:
     """Score every pool frame of the manifest into ``out_dir/scores`` (written atomically).
 
     Labeled pool frames are scored too: k-center starts from distances to the labeled
     set, measured in the current model's embedding.
-
-    compute: "actors" (an actor pool of ``scoring.num_actors`` Scorers, one model load each: a
-    cluster, and GPUs) or "tasks" (at most ``scoring.num_actors`` concurrent tasks on the
-    instance's warm workers, each process loading the model once: :func:`score_block`). Default:
-    tasks on a local instance without GPUs, else actors. Both give the same scores.
     """
     import ray.data
-
-    from alges_dist.distributed.runtime import in_local_instance
-
-    if compute is None:
-        compute = "tasks" if in_local_instance() and not use_gpu else "actors"
-    if compute not in COMPUTE:
-        raise ValueError(f"compute={compute!r}; valid: {COMPUTE}")
 
     t0, marks = time.perf_counter(), {"called": time.time()}
     final = out_dir / "scores"
@@ -219,16 +183,15 @@ def score_pool(
         "fault_injection": fault_injection,
         "timings_dir": str(timings_dir.resolve()),
     }
-    resources = {"num_gpus": cfg.scoring.gpus_per_actor if use_gpu else 0, "num_cpus": cfg.scoring.cpus_per_actor}
-    if compute == "actors":
-        ds = ds.map_batches(Scorer, fn_constructor_kwargs=scorer_kwargs, batch_size=cfg.scoring.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.scoring.num_actors), **resources)
-    else:
-        ds = ds.map_batches(score_block, fn_kwargs={"job": uuid.uuid4().hex, **scorer_kwargs},
-                            batch_size=cfg.scoring.batch_size,
-                            compute=ray.data.TaskPoolStrategy(size=cfg.scoring.num_actors), **resources)
-    # Ray Data restarts a lost actor, or retries a lost task, and redoes its unfinished batches (tested)
-    log.info("scoring pool of %s with %d %s (gpu=%s)", manifest, cfg.scoring.num_actors, compute, use_gpu)
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs=scorer_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=cfg.scoring.num_actors),
+        batch_size=cfg.scoring.batch_size,
+        num_gpus=cfg.scoring.gpus_per_actor if use_gpu else 0,
+        num_cpus=cfg.scoring.cpus_per_actor,
+    )  # Ray Data restarts a lost actor and retries its unfinished batches (tested)
+    log.info("scoring pool of %s with %d actors (gpu=%s)", manifest, cfg.scoring.num_actors, use_gpu)
     marks["plan_built"] = time.time()
     try:
         ds.write_parquet(str(tmp.resolve()))
@@ -257,9 +220,9 @@ def score_pool(
     shutil.rmtree(timings_dir, ignore_errors=True)
     timings = job_phases({**(actors[0] if actors else {}), **marks, "done": time.time()})
     seconds = time.perf_counter() - t0
-    record = {**summary, "seconds": seconds, "compute": compute, "timings": timings}
+    record = {**summary, "seconds": seconds, "timings": timings}
     atomic_write_text(out_dir / "scores.json", json.dumps(record, indent=1))  # the commit marker, last
-    log.info("scoring job of %s (%s) in %.1f s: %s", out_dir, compute, seconds, ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    log.info("scoring job of %s in %.1f s: %s", out_dir, seconds, ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     return ScoreResult(final, summary["n_rows"] - summary["n_errors"], summary["n_errors"], summary["workers"], seconds,
                        timings)
 
