@@ -302,9 +302,14 @@ def _rounds(args: argparse.Namespace) -> int:
     # --pool is an override like any other, so RUN/config.yaml records the pool used
     pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else Path(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
-    pool = resolve_pool(cfg)
-    if cfg.data.pool == "demo":  # the generated pool's path, so the run folder says which file it used
-        cfg = load_config(args.config, [*args.overrides, f"data.pool={pool.resolve()}"])
+    demo = None
+    if cfg.data.pool == "demo":
+        # generated (first run only: 3-4 s) while Ray starts, then the config names the file it used
+        from concurrent.futures import ThreadPoolExecutor
+
+        demo = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-pool").submit(resolve_pool, cfg)
+    else:
+        pool = resolve_pool(cfg)
     if args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; give a folder for the run")
     until = args.command if args.command in ("train", "score", "select") else None
@@ -315,6 +320,9 @@ def _rounds(args: argparse.Namespace) -> int:
             RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
         import ray
 
+        if demo is not None:
+            pool = demo.result()
+            cfg = load_config(args.config, [*args.overrides, f"data.pool={pool.resolve()}"])
         args.driver_node_id = ray.get_runtime_context().get_node_id()
         if threading.current_thread() is threading.main_thread():
             raise_on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own (it aborts)

@@ -92,10 +92,12 @@ def warming_a_worker() -> Any:
     import ray
 
     ref = _remote(1, 0, False).remote(import_model_modules, (), {})
+    stopping = True  # an error or Ctrl-C in the block: cancel at once
     try:
         yield
+        stopping = False
     finally:  # settled before the command can shut Ray down (see on_worker)
-        done, _ = ray.wait([ref], timeout=5)
+        done, _ = ray.wait([ref], timeout=0 if stopping else 5)
         if not done:
             ray.cancel(ref, force=True)
             with contextlib.suppress(BaseException):
