@@ -33,6 +33,7 @@ from alges_dist.data.frames import normalize_images
 from alges_dist.distributed.decode_stage import decoded_pool
 from alges_dist.distributed.tasks import here, on_worker, process_started, worker_device
 from alges_dist.errors import AlgesError, InputError
+
 log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK_IN_BATCHES = 8
