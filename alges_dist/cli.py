@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from alges_dist.errors import AlgesError, InputError  # stdlib only: help stays fast
 from alges_dist.storage import as_location, is_uri  # stdlib only (pyarrow on use)
@@ -311,9 +312,14 @@ def _rounds(args: argparse.Namespace) -> int:
     # --pool is an override like any other, so RUN/config.yaml records the pool used
     pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else as_location(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
-    pool = resolve_pool(cfg)
-    if cfg.data.pool == "demo":  # the generated pool's path, so the run folder says which file it used
-        cfg = load_config(args.config, [*args.overrides, f"data.pool={pool.resolve()}"])
+    demo = None
+    if cfg.data.pool == "demo":
+        # generated (first run only: 3-4 s) while Ray starts, then the config names the file it used
+        from concurrent.futures import ThreadPoolExecutor
+
+        demo = ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-pool").submit(resolve_pool, cfg)
+    else:
+        pool = resolve_pool(cfg)
     if args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; give a folder for the run")
     until = args.command if args.command in ("train", "score", "select") else None
@@ -324,6 +330,9 @@ def _rounds(args: argparse.Namespace) -> int:
             RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
         import ray
 
+        if demo is not None:
+            pool = demo.result()
+            cfg = load_config(args.config, [*args.overrides, f"data.pool={pool.resolve()}"])
         args.driver_node_id = ray.get_runtime_context().get_node_id()
         if threading.current_thread() is threading.main_thread():
             raise_on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own (it aborts)
@@ -357,9 +366,18 @@ def _rounds(args: argparse.Namespace) -> int:
                 console.close()
             print(format_results(exp.results_path))
             if args.command in ("run", "demo"):
-                report = write_report(args.out)
+                report = write_report(args.out, predict=_predict_on_worker)
                 print((report.parent / "headline.md").read_text() + f"report: {report}")
     return 0
+
+
+def _predict_on_worker(*args: Any) -> Any:
+    """The report's predicted masks (``handoff.predict_masks``) on a warm Ray worker: the driver
+    never imports torch and smp (4-5 s; issue 24)."""
+    from alges_dist.distributed.tasks import on_worker
+    from alges_dist.handoff import predict_masks
+
+    return on_worker(predict_masks, *args)[0]
 
 
 # What a user can fix: our own classes (a setting, file or row named in the message, a failed

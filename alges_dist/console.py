@@ -27,6 +27,8 @@ def _fmt(info: dict[str, Any]) -> str:
         if key in info and info[key] is not None:
             value = info[key]
             parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+    if info.get("fixed_s") is not None:  # a fit's seconds other than its epochs' work (train.json: timings)
+        parts.append(f"fixed cost {info['fixed_s']:.1f} s")
     return ", ".join(parts)
 
 

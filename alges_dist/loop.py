@@ -175,19 +175,17 @@ class Experiment(RunLayout):
 
     # ---- stages ------------------------------------------------------------------
     def train(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
-        from alges_dist.distributed.training import initial_weights, train_model
+        from alges_dist.distributed.training import train_model
 
         cfg = self.cfg
-        init = self.init_weights_path(seed)
-        if not init.exists():
-            on_worker(initial_weights, self.cfg_dict, str(init.resolve()), cfg.train.seed + seed)
+        init, init_seed = self.init_weights_path(seed), cfg.train.seed + seed  # the fit writes init on first use
         if cfg.train.init == "finetune" and r > 0:
-            init = self.model_path(strategy, seed, r - 1)
-        result = train_model(cfg, self._labels_of(strategy, seed, r), init_weights=init,
+            init, init_seed = self.model_path(strategy, seed, r - 1), None
+        result = train_model(cfg, self._labels_of(strategy, seed, r), init_weights=init, init_seed=init_seed,
                              out_dir=self.model_dir(strategy, seed, r), use_gpu=self.use_gpu,
                              on_progress=self.on_progress)
         last = result.history[-1] if result.history else {}
-        return {"where": result.where, "seconds": result.seconds,
+        return {"where": result.where, "seconds": result.seconds, "fixed_s": result.timings["fixed_s"],
                 **{k: last[k] for k in ("train_loss", "val_dice") if k in last}}
 
     def evaluate(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
@@ -207,7 +205,7 @@ class Experiment(RunLayout):
         frame with a mask, with the rounds' recipe and initial weights, and evaluate on the test
         split, both on workers. Resumable like the stages: the record, then the model, mark what is done."""
         from alges_dist.distributed.evaluation_job import evaluate_checkpoint
-        from alges_dist.distributed.training import initial_weights, train_model
+        from alges_dist.distributed.training import train_model
 
         cfg = self.cfg
         if self.reference_record_path(seed).exists():
@@ -217,10 +215,8 @@ class Experiment(RunLayout):
                       max_pixels=self.cfg.data.max_pixels)
         if not self.reference_model_path(seed).exists():
             self._notify("start", "train", "full-data reference", seed, 0, {})
-            init = self.init_weights_path(seed)
-            if not init.exists():
-                on_worker(initial_weights, self.cfg_dict, str(init.resolve()), cfg.train.seed + seed)
-            result = train_model(cfg, self.reference_manifest_path, init_weights=init, out_dir=self.reference_dir(seed),
+            result = train_model(cfg, self.reference_manifest_path, init_weights=self.init_weights_path(seed),
+                                 init_seed=cfg.train.seed + seed, out_dir=self.reference_dir(seed),
                                  use_gpu=self.use_gpu, on_progress=self.on_progress)
             self._notify("done", "train", "full-data reference", seed, 0, {"seconds": result.seconds})
         # the initial manifest: its test frames are files (video frames written once), never video seeks
@@ -237,7 +233,7 @@ class Experiment(RunLayout):
         result = score_pool(self.cfg, self._labels_of(strategy, seed, r), self.model_path(strategy, seed, r),
                             self.model_dir(strategy, seed, r), use_gpu=self.use_gpu)
         return {"n_scored": result.n_scored, "n_errors": result.n_errors, "workers": result.workers,
-                "seconds": result.seconds}
+                "seconds": result.seconds, "fixed_s": round(result.seconds - result.timings["stream_s"], 3)}
 
     def select(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
         """Pick the batch on a worker (one GPU when the run uses GPUs; sharded over actors when
@@ -335,6 +331,8 @@ class Experiment(RunLayout):
             if path.exists():
                 d = json.loads(path.read_text())
                 stages[stage] = {"where": d.get("where") or d.get("workers"), "seconds": d.get("seconds")}
+                if "timings" in d:  # where the stage's seconds went (issue 24)
+                    stages[stage]["timings"] = d["timings"]
         record = {
             "strategy": strategy, "seed": seed, "round": r,
             "n_labeled": count_labeled(self.manifest_file(strategy, seed), up_to_round=r),

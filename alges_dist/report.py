@@ -32,7 +32,7 @@ import io
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,8 @@ def per_video_counts(run: Path, queries: Any, strategies: Sequence[str], seeds: 
     return [{"strategy": s, "video_id": v, "n_selected": n} for (s, v), n in sorted(counts.items())]
 
 
-def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path) -> list[tuple[str, Path]]:
+def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path, *,
+                 predict: Callable[..., list[np.ndarray]] = predict_masks) -> list[tuple[str, Path]]:
     """Per strategy (first seed): the last query batch, overlaid with the masks predicted by
     the model that picked it."""
     import pyarrow.compute as pc
@@ -181,7 +182,7 @@ def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path) -> list[tuple
         uri = dict(zip(table["frame_id"].to_pylist(), table["image_uri"].to_pylist()))
         model_path = layout.model_dir(strategy, seed, last) / "model.pt"
         thumb = 128
-        masks = predict_masks(model_path, cfg, [uri[f] for f in picks], (thumb, thumb)) if model_path.exists() else None
+        masks = predict(model_path, cfg, [uri[f] for f in picks], (thumb, thumb)) if model_path.exists() else None
         out = contact_sheet([uri[f] for f in picks], picks, out_dir / f"last_batch_{strategy}.png", thumb_px=thumb,
                             masks=masks)
         sheets.append((f"{strategy}, seed {seed}, round {last} ({len(picks)} frames"
@@ -259,7 +260,8 @@ NOT_EVALUATED = ("Not evaluated: no test frame of this run has a mask, so there 
                  "then hands off loop.test_frames of them with the first batch.")
 
 
-def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: Path) -> Path:
+def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: Path, *,
+                        predict: Callable[..., list[np.ndarray]] = predict_masks) -> Path:
     """The report of a run without test masks: what was labeled and picked, and why there are no curves."""
     import pyarrow.parquet as pq
 
@@ -270,7 +272,7 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
     videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
     _write_table(videos, out, "per_video")
-    sheets = last_batches(run, cfg, queries, out) if queries is not None else []
+    sheets = last_batches(run, cfg, queries, out, predict=predict) if queries is not None else []
     counts = [{k: r[k] for k in ("strategy", "round", "n_labeled", "n_seeds")} for r in table]
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>alges report</title></head><body>",
              f"<h1>Active-learning report: {html.escape(run.name)}</h1>", f"<p><b>{html.escape(NOT_EVALUATED)}</b></p>",
@@ -286,11 +288,14 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
 
 
 def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
-                 target_fractions: Sequence[float] = TARGET_FRACTIONS) -> Path:
+                 target_fractions: Sequence[float] = TARGET_FRACTIONS, *,
+                 predict: Callable[..., list[np.ndarray]] = predict_masks) -> Path:
     """Build ``RUN/report/`` from the run folder alone; returns the report.html path.
 
     baselines: strategies to compare with besides random (``alges report --baseline``);
     target_fractions: frames-to-target at these fractions of the full-data reference.
+    predict: :func:`alges_dist.handoff.predict_masks` or a stand-in with its signature (``alges
+    run`` runs it on a warm Ray worker: the driver never imports torch, issue 24).
     """
     import pyarrow.parquet as pq
 
@@ -313,7 +318,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     near_pick_column(table, run, cfg)  # picks near another pick or label of their video (issue 11)
     _write_table(table, out, "rounds")
     if all(r[metric] is None for r in rows):
-        return _unevaluated_report(run, cfg, table, out)
+        return _unevaluated_report(run, cfg, table, out, predict=predict)
     areas = aulc_table(rows, metric, compared)
     _write_table(areas, out, "aulc")
 
@@ -354,7 +359,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
     videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
     _write_table(videos, out, "per_video")
-    sheets = last_batches(run, cfg, queries, out) if queries is not None else []
+    sheets = last_batches(run, cfg, queries, out, predict=predict) if queries is not None else []
 
     settings = {
         "pool": cfg.data.pool, "model": f"{cfg.model.arch}-{cfg.model.encoder}",

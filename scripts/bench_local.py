@@ -6,7 +6,9 @@ so the ratio is taken under the same load: the baseline is the same training loo
 way (TorchTrainer with Ray Train's default settings, as alges did before), against alges's
 ``train_model`` (no process group for one worker, ``runtime.LOCAL_TRAIN_ENV``). The scoring job's fixed cost is its wall
 time minus the same frames through ``score_batch`` in this process. `make demo`'s wall time is
-the demo command run as a subprocess (skip with --skip-demo).
+the demo command run as a subprocess (skip with --skip-demo). Last, where the seconds of alges's
+fits and of the scoring job went, phase by phase (median; the ``timings`` of train.json and
+scores.json: worker start, boot, imports, dataset, model, epochs, hand-back; issue 24).
 
     python scripts/bench_local.py [--repeats 2] [--skip-demo]
 
@@ -31,6 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+# where the seconds went, per fit and per scoring job (train.json / scores.json ``timings``)
+PHASES: dict[str, list[dict[str, float]]] = {"fit (alges local settings)": [], "scoring job": []}
+
+
 def _fit(cfg, manifest, init, out: Path) -> tuple[float, float]:
     """alges's fit (``train_model``): wall seconds and the seconds its epochs took."""
     from alges_dist.distributed.training import train_model
@@ -39,6 +45,7 @@ def _fit(cfg, manifest, init, out: Path) -> tuple[float, float]:
     t0 = time.perf_counter()
     result = train_model(cfg, manifest, init_weights=init, out_dir=out, use_gpu=False)
     wall = time.perf_counter() - t0
+    PHASES["fit (alges local settings)"].append(result.timings)
     return wall, sum(h["seconds"] for h in result.history)
 
 
@@ -68,6 +75,11 @@ def _baseline_fit(cfg, manifest, init, out: Path) -> tuple[float, float]:
     return wall, sum(h["seconds"] for h in history)
 
 
+def _phase_table(rows: list[dict[str, float]]) -> list[str]:
+    """Median seconds per phase over the runs of one kind (markdown rows)."""
+    return [f"| {k} | {float(np.median([r[k] for r in rows])):.2f} |" for k in rows[0]]
+
+
 def _scoring(cfg, manifest, model_path: Path, out: Path) -> tuple[float, float, int]:
     import numpy as np
 
@@ -82,6 +94,7 @@ def _scoring(cfg, manifest, model_path: Path, out: Path) -> tuple[float, float, 
     t0 = time.perf_counter()
     result = score_pool(cfg, manifest, model_path, out, use_gpu=False)
     wall = time.perf_counter() - t0
+    PHASES["scoring job"].append(result.timings)
     table = filter_manifest(read_manifest(manifest).table, split="pool")
     model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).eval()
     uris = table["image_uri"].to_pylist()
@@ -160,9 +173,14 @@ def main() -> None:
           f"score_batch) | {score_wall - score_work:.1f} | | |")
     if demo_seconds is not None:
         print(f"| `alges demo` (what `make demo` runs once installed) | {demo_seconds:.1f} | | |")
+    for kind, rows in PHASES.items():
+        if rows:
+            print(f"\n| {kind}: phase (median of {len(rows)}) | seconds |\n|---|---:|")
+            print("\n".join(_phase_table(rows)))
     if args.json:
         args.json.write_text(json.dumps({"load": load, "fits": fits, "scoring": [score_wall, score_work, n_scored],
-                                         "demo_seconds": demo_seconds}, indent=1))
+                                         "phases": PHASES, "demo_seconds": demo_seconds},
+                                        indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 

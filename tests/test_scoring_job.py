@@ -70,6 +70,7 @@ def test_killed_actor_still_scores_every_frame_once(ray_local, demo_manifest, ch
     result = score_pool(cfg, demo_manifest, checkpoint, tmp_path, use_gpu=False,
                         fault_injection={"marker": str(marker)})
     assert marker.exists()  # an actor died mid-job
+    assert result.timings["stream_s"] > 0 and set(result.timings) >= {"plan_s", "imports_s", "model_load_s"}
     _check_equals_in_process(cfg, checkpoint, demo_manifest, result.scores_dir)
 
 

@@ -20,16 +20,22 @@ import io
 import warnings
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from alges_dist import storage
 from alges_dist.data.manifest import MaskEncoding
 from alges_dist.data.video import VideoError, parse_video_uri, read_frame
 from alges_dist.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that make tensors: the driver imports this module (for its
+# constants and errors, through the report and the stages) and never needs torch (issue 24)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -299,6 +305,8 @@ def normalize_images(images: np.ndarray | torch.Tensor, mode: str = "imagenet") 
     The single place pixels become model input: training and scoring both call it.
     Output is on the input's device (numpy input -> CPU).
     """
+    import torch
+
     if isinstance(images, np.ndarray):
         # torch.from_numpy refuses read-only arrays (np.asarray of a PIL image): copy those
         images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
@@ -319,8 +327,11 @@ def normalize_images(images: np.ndarray | torch.Tensor, mode: str = "imagenet") 
     return x.sub_(mean).div_(std).contiguous()
 
 
-class FrameDataset(Dataset):
+class FrameDataset:
     """Manifest rows as ``(image float32 (3, H, W) normalized, mask int64 (H, W))`` pairs.
+
+    A map-style dataset (``__len__`` and ``__getitem__``: all a DataLoader and its samplers use),
+    without torch's ``Dataset`` base class, so this module needs no torch at import.
 
     For training and evaluation, so every row needs a mask: pass the labeled rows
     (``filter_manifest(table, split="pool", labeled=True)``) or val/test rows.
@@ -348,6 +359,8 @@ class FrameDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rgb, ids = load_frame(self.image_uris[index], self.mask_uris[index], self.encoding, self.size,
                               max_pixels=self.max_pixels)
+        import torch
+
         image = normalize_images(rgb[None], self.normalize)[0]  # (3, H, W)
         mask = torch.from_numpy(ids.astype(np.int64))  # (H, W)
         return image, mask

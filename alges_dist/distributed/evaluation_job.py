@@ -10,14 +10,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from alges_dist.config import Config
 from alges_dist.data.frames import FrameDataset
 from alges_dist.data.manifest import MANIFEST_SCHEMA, read_encoding
 from alges_dist.distributed.tasks import worker_device
-from alges_dist.evaluation import evaluate
-from alges_dist.models import load_model
 
 
 def evaluate_checkpoint(config: dict[str, Any], manifest: str, model_path: str) -> dict[str, Any]:
@@ -26,6 +23,11 @@ def evaluate_checkpoint(config: dict[str, Any], manifest: str, model_path: str) 
     The test frames with masks are evaluated (people annotate a few test frames of an unlabeled
     archive: the others have none); with none, the metrics are None and ``skipped`` says why.
     """
+    import torch  # here, not at import: the driver imports this module to send the task (issue 24)
+
+    from alges_dist.evaluation import evaluate
+    from alges_dist.models import load_model
+
     cfg = Config.model_validate(config)
     torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
     device = torch.device(worker_device())

@@ -65,6 +65,12 @@ def on_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def in_local_instance() -> bool:
+    """This driver runs inside a local instance of its own (``RaySession`` started it: its settings
+    are in the environment while the session lasts; RAY_ADDRESS then names the local instance)."""
+    return os.environ.get("ALGES_LOCAL_FITS") == "1"
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: the command stops where it is (the run folder stays resumable)."""
 

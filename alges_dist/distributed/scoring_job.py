@@ -26,21 +26,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import torch
 
 from alges_dist.config import Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.frames import normalize_images
 from alges_dist.distributed.decode_stage import decoded_pool
-from alges_dist.distributed.tasks import here, on_worker, worker_device
+from alges_dist.distributed.tasks import here, on_worker, process_started, worker_device
 from alges_dist.errors import AlgesError, InputError
-from alges_dist.models import load_model
-from alges_dist.scoring import ProjectionCache, score_batch, score_dims
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK_IN_BATCHES = 8
-_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST = {"none": None, "bf16": "bfloat16", "fp16": "float16"}  # torch dtypes by name
 
 
 def scores_schema(dims: dict[str, int]) -> pa.Schema:
@@ -56,7 +53,18 @@ def scores_schema(dims: dict[str, int]) -> pa.Schema:
 class Scorer:
     """Ray Data actor: loads the checkpoint once, scores every batch in one forward pass."""
 
-    def __init__(self, config: dict[str, Any], checkpoint: str, fault_injection: dict[str, Any] | None = None):
+    def __init__(self, config: dict[str, Any], checkpoint: str, fault_injection: dict[str, Any] | None = None,
+                 timings_dir: str | None = None):
+        self.marks = {"process_started": process_started(), "init_started": time.time()}
+        # torch, smp and the scoring math here, not at this module's import: the driver imports
+        # the module to declare the job and needs none of them (issue 24)
+        import torch
+
+        from alges_dist.models import load_model
+        from alges_dist.scoring import ProjectionCache, score_batch, score_dims
+
+        self.marks["imports_done"] = time.time()
+        self._torch, self._score_batch = torch, score_batch
         cfg = Config.model_validate(config)
         self.opts, self.normalize = cfg.scoring, cfg.data.normalize
         torch.set_num_threads(max(1, int(cfg.scoring.cpus_per_actor)))
@@ -68,6 +76,9 @@ class Scorer:
         self.projections = ProjectionCache()  # the JL matrix is drawn once per actor
         self.fault = fault_injection or {}
         self.worker = here(str(self.device)).label()
+        self.marks["model_ready"] = time.time()
+        # this actor's phase marks, read by the driver after the job (ScoreResult.timings)
+        self.timings_path = Path(timings_dir) / f"{uuid.uuid4().hex}.json" if timings_dir else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.fault and not Path(self.fault["marker"]).exists():
@@ -82,13 +93,14 @@ class Scorer:
         scores: dict[str, np.ndarray] = {}
         if ok.any():
             images = normalize_images(batch["image"][ok], self.normalize).to(self.device)
-            out = score_batch(
+            autocast = _AUTOCAST[self.opts.autocast]
+            out = self._score_batch(
                 self.model,
                 images,
                 feature_grid=self.opts.feature_grid,
                 projection_dim=self.opts.projection_dim,
                 projection_seed=self.opts.projection_seed,
-                autocast_dtype=_AUTOCAST[self.opts.autocast],
+                autocast_dtype=None if autocast is None else getattr(self._torch, autocast),
                 projection_cache=self.projections,
                 math_path=self.opts.math_path,
             )
@@ -101,6 +113,9 @@ class Scorer:
                 columns[name] = pa.array(full[:, 0], pa.float32(), mask=~ok)
             else:
                 columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), d, mask=pa.array(~ok))
+        if self.timings_path is not None and "first_batch_done" not in self.marks:
+            self.marks["first_batch_done"] = time.time()
+            atomic_write_text(self.timings_path, json.dumps(self.marks))
         return pa.Table.from_pydict(columns, schema=self.schema)
 
 
@@ -110,6 +125,31 @@ class ScoreResult(NamedTuple):
     n_errors: int
     workers: list[str]  # "node id/ip/device" of the actors that scored
     seconds: float
+    timings: dict[str, float]  # where the job's seconds went (job_phases)
+
+
+# (phase, the mark that ends it), in order; the scorer's marks are the first actor's (the first to
+# score a batch). As for fits (training.fit_phases), marks before the job began count as no time.
+_JOB_PHASES = (
+    ("plan_s", "plan_built"),  # the manifest read, the decode stage and the actor stage declared
+    ("worker_start_s", "process_started"),  # execution starts, the actor's process is spawned
+    ("worker_boot_s", "init_started"),  # Python and Ray in the new process, Ray Data's actor set-up
+    ("imports_s", "imports_done"),  # torch, smp and the scoring modules
+    ("model_load_s", "model_ready"),  # the checkpoint loaded, the score dims probed
+    ("first_batch_s", "first_batch_done"),  # the first decoded batch arrives and is scored
+    ("stream_s", "written"),  # the remaining batches, the shards written
+    ("check_s", "checked"),  # every pool frame exactly once (a task), errors.parquet
+    ("commit_s", "done"),  # the rename and scores.json
+)
+
+
+def job_phases(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of a scoring job from wall-clock marks (driver's and its first actor's)."""
+    out, previous = {}, marks["called"]
+    for phase, mark in _JOB_PHASES:
+        at = max(marks.get(mark, previous), previous)
+        out[phase], previous = round(at - previous, 3), at
+    return out
 
 
 def score_pool(
@@ -128,29 +168,35 @@ def score_pool(
     """
     import ray.data
 
-    t0 = time.perf_counter()
+    t0, marks = time.perf_counter(), {"called": time.time()}
     final = out_dir / "scores"
     (out_dir / "scores.json").unlink(missing_ok=True)
     tmp = out_dir / f".scores-{uuid.uuid4().hex[:8]}"
+    timings_dir = out_dir / f".timings-{uuid.uuid4().hex[:8]}"
+    timings_dir.mkdir(parents=True)
     size = tuple(cfg.data.image_size)
     ds = decoded_pool(manifest, size=size, batch_size=cfg.scoring.batch_size, min_blocks=cfg.scoring.num_actors,
                       rows_per_block=cfg.scoring.batch_size * ROWS_PER_BLOCK_IN_BATCHES,
                       max_pixels=cfg.data.max_pixels)
+    scorer_kwargs = {
+        "config": cfg.model_dump(mode="json"),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "fault_injection": fault_injection,
+        "timings_dir": str(timings_dir.resolve()),
+    }
     ds = ds.map_batches(
         Scorer,
-        fn_constructor_kwargs={
-            "config": cfg.model_dump(mode="json"),
-            "checkpoint": str(Path(checkpoint).resolve()),
-            "fault_injection": fault_injection,
-        },
+        fn_constructor_kwargs=scorer_kwargs,
         compute=ray.data.ActorPoolStrategy(size=cfg.scoring.num_actors),
         batch_size=cfg.scoring.batch_size,
         num_gpus=cfg.scoring.gpus_per_actor if use_gpu else 0,
         num_cpus=cfg.scoring.cpus_per_actor,
     )  # Ray Data restarts a lost actor and retries its unfinished batches (tested)
     log.info("scoring pool of %s with %d actors (gpu=%s)", manifest, cfg.scoring.num_actors, use_gpu)
+    marks["plan_built"] = time.time()
     try:
         ds.write_parquet(str(tmp.resolve()))
+        marks["written"] = time.time()
         # checked before it counts: every pool frame exactly once, errors under the rate
         summary, _ = on_worker(check_score_shards, str(tmp.resolve()), str(Path(manifest).resolve()),
                                str((out_dir / "errors.parquet").resolve()))
@@ -159,8 +205,10 @@ def score_pool(
                 f"{summary['n_errors']} of {summary['n_rows']} frames ({summary['error_rate']:.1%}) failed to "
                 f"decode, more than scoring.max_error_rate={cfg.scoring.max_error_rate:.1%}; first: "
                 f"{summary['first_error']} (all listed in {out_dir / 'errors.parquet'})")
+        marks["checked"] = time.time()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(timings_dir, ignore_errors=True)
         raise
     if summary["n_errors"]:
         log.warning("%d of %d frames failed to decode; see %s", summary["n_errors"], summary["n_rows"],
@@ -168,10 +216,16 @@ def score_pool(
     if final.exists():  # an earlier attempt renamed its shards but did not record them
         shutil.rmtree(final)
     os.replace(tmp, final)
+    actors = sorted((json.loads(p.read_text()) for p in timings_dir.glob("*.json")),
+                    key=lambda m: m["first_batch_done"])
+    shutil.rmtree(timings_dir, ignore_errors=True)
+    timings = job_phases({**(actors[0] if actors else {}), **marks, "done": time.time()})
     seconds = time.perf_counter() - t0
-    record = {**summary, "seconds": seconds}
+    record = {**summary, "seconds": seconds, "timings": timings}
     atomic_write_text(out_dir / "scores.json", json.dumps(record, indent=1))  # the commit marker, last
-    return ScoreResult(final, summary["n_rows"] - summary["n_errors"], summary["n_errors"], summary["workers"], seconds)
+    log.info("scoring job of %s in %.1f s: %s", out_dir, seconds, ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    return ScoreResult(final, summary["n_rows"] - summary["n_errors"], summary["n_errors"], summary["workers"], seconds,
+                       timings)
 
 
 class StageFailed(AlgesError, RuntimeError):
