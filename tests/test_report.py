@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alges_dist.handoff import PALETTE, contact_sheet, overlay_mask
+from alges_dist.contact_sheet import PALETTE, contact_sheet, overlay_mask
 from alges_dist.report import aulc, aulc_table, common_rounds, markdown_table, plot_learning_curves, round_table
 from alges_dist.run_folder import read_results
 

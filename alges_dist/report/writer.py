@@ -20,7 +20,7 @@ The area under the learning curve (AULC) is the trapezoid area of the metric ove
 the labeled-frame axis divided by that axis' span: the metric averaged over the
 budget, in the metric's units. All runs are compared over the rounds every run has
 completed, so a run that is further along does not get a larger area. The statistics
-(paired by seed) are ``report_statistics`` and ``statistics``; the figures ``report_figures``.
+(paired by seed) are ``comparisons`` and ``statistics``; the figures ``figures``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ import numpy as np
 
 from alges_dist.data.atomic import atomic_write_text
 from alges_dist.errors import InputError
-from alges_dist.handoff import contact_sheet, predict_masks
-from alges_dist.report_figures import plot_learning_curves, plot_per_class_curves
-from alges_dist.report_statistics import (
+from alges_dist.contact_sheet import contact_sheet
+from alges_dist.predictions import predict_masks
+from alges_dist.report.figures import plot_learning_curves, plot_per_class_curves
+from alges_dist.report.comparisons import (
     METRIC_LABELS,
     METRICS,
     SIGNIFICANCE_LEVEL,
@@ -57,7 +58,7 @@ from alges_dist.report_statistics import (
 )
 from alges_dist.near_picks import near_pick_column
 from alges_dist.run_folder import RunLayout, read_results
-from alges_dist.statistics import MAX_EXACT_SIGN_FLIPS, MIN_SEEDS_FOR_INTERVAL, aulc
+from alges_dist.report.statistics import MAX_EXACT_SIGN_FLIPS, MIN_SEEDS_FOR_INTERVAL, aulc
 
 log = logging.getLogger(__name__)
 

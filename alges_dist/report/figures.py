@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from alges_dist.data.atomic import atomic_path
-from alges_dist.report_statistics import METRIC_LABELS, METRICS, SIGNIFICANCE_LEVEL
+from alges_dist.report.comparisons import METRIC_LABELS, METRICS, SIGNIFICANCE_LEVEL
 
 FULL_DATA = "full data"
 
@@ -92,7 +92,7 @@ def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path, metrics
 def plot_per_class_curves(table: Sequence[dict[str, Any]], out_png: Path, *,
                           reference: dict[int, float] | None = None, columns: int = 4) -> dict[str, dict[str, np.ndarray]]:
     """Small multiples: one panel per class, its Dice vs labeled frames per strategy (mean +- std
-    over seeds, ``report_statistics.per_class_round_table``), the full-data Dice of the class
+    over seeds, ``comparisons.per_class_round_table``), the full-data Dice of the class
     dashed. Returns ``{class_name: {strategy: (n, 2)}}`` as drawn."""
     plt = _pyplot()
     classes = list(dict.fromkeys((r["class_id"], r["class_name"]) for r in table))

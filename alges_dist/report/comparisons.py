@@ -1,7 +1,7 @@
 """The report's numbers: learning curves per seed, compared with a baseline paired by seed.
 
 Pure functions of result rows (as ``run_folder.read_results`` returns them) to table rows;
-the math is ``alges_dist.statistics``. Every comparison uses the rounds that all runs have
+the math is ``report.statistics``. Every comparison uses the rounds that all runs have
 completed (:func:`common_rounds`) and the seeds that both sides of it have.
 
 - :func:`aulc_table`: area under each seed's curve, mean and std per strategy, and per
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from alges_dist.errors import InputError
-from alges_dist.statistics import MIN_SEEDS_FOR_INTERVAL, aulc, bootstrap_ci, frames_to_target, paired_difference
+from alges_dist.report.statistics import MIN_SEEDS_FOR_INTERVAL, aulc, bootstrap_ci, frames_to_target, paired_difference
 
 METRICS = ("dice", "miou")
 METRIC_LABELS = {"dice": "Dice (paper)", "miou": "mIoU"}
