@@ -152,7 +152,9 @@ def collect_masks(picks: list[str], manifest: Manifest, masks: Path, dest: Path)
 
 # ---- annotation tools: export with pre-annotations, import of their exports ---------------------------
 PREANNOTATIONS = "preannotations"  # round folder: the model's class ids per pick, native size (PNG)
-CORRECTION_CSV = "correction.csv"  # round folder: per imported frame, pixels people changed
+CORRECTION_CSV = "correction.csv"  # round folder: per labeled frame, pixels (and regions) changed from the model's masks
+CORRECTION_COLUMNS = ["frame_id", "n_pixels", "pixels_changed", "fraction_changed", "annotation_seconds",
+                      "regions_changed"]
 LABELSTUDIO_RECORD = "labelstudio.json"  # round folder: where the batch was pushed (never the token)
 
 
@@ -303,24 +305,30 @@ def write_correction(round_dir: Path, effort: list[Any]) -> None:
         return
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["frame_id", "n_pixels", "pixels_changed", "fraction_changed", "annotation_seconds"])
+    writer.writerow(CORRECTION_COLUMNS)
     writer.writerows((csv_cell(e.frame_id), e.n_pixels, e.pixels_changed, f"{e.fraction_changed:.6f}",
-                      "" if e.annotation_seconds is None else e.annotation_seconds) for e in effort)
+                      "" if e.annotation_seconds is None else e.annotation_seconds,
+                      "" if e.regions_changed is None else e.regions_changed) for e in effort)
     atomic_write_text(Path(round_dir) / CORRECTION_CSV, buf.getvalue())
 
 
 def correction_summary(round_dir: Path) -> dict[str, Any] | None:
-    """The round's correction effort summed over its imported frames (None: no pre-annotated import)."""
+    """The round's correction effort summed over its frames (None: no pre-annotated labels).
+
+    ``regions_changed`` (the click proxy) is None where a frame's count was not recorded
+    (a correction.csv written before it was)."""
     path = Path(round_dir) / CORRECTION_CSV
     if not path.is_file():
         return None
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     timed = [float(r["annotation_seconds"]) for r in rows if r["annotation_seconds"]]
+    regions = [r.get("regions_changed") or "" for r in rows]
     n_pixels = sum(int(r["n_pixels"]) for r in rows)
     changed = sum(int(r["pixels_changed"]) for r in rows)
     return {"n_frames": len(rows), "n_pixels": n_pixels, "pixels_changed": changed,
             "fraction_changed": changed / n_pixels if n_pixels else 0.0,
+            "regions_changed": sum(int(v) for v in regions) if rows and all(regions) else None,
             "annotation_seconds": sum(timed) if timed else None, "n_frames_timed": len(timed)}
 
 

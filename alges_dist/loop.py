@@ -43,7 +43,7 @@ from alges_dist.data.rounds import (
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
 from alges_dist.first_batch import FirstBatch
-from alges_dist.handoff import correction_summary
+from alges_dist.handoff import CORRECTION_CSV, correction_summary, write_correction
 from alges_dist.people import WaitingForLabels  # noqa: F401  (the loop's stop signal; cli catches it here)
 from alges_dist.run_folder import (
     RunLayout,
@@ -282,10 +282,26 @@ class Experiment(RunLayout):
             people.hand_off(self, people.round_batch(self, strategy, seed, r))  # raises WaitingForLabels
         # simulated oracle: the pool's own masks (checked to exist before the run started)
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
+        self.simulated_effort(strategy, seed, r, picks)
         n_labeled, _ = on_worker(label_frames, str(self.manifest_file(strategy, seed).resolve()), picks, r + 1,
                                  frames_dir=str(self.round_dir(strategy, seed, r).resolve()),
                                  max_pixels=self.cfg.data.max_pixels)
         return {"n_labeled": n_labeled}
+
+    def simulated_effort(self, strategy: str, seed: int, r: int, picks: list[str]) -> None:
+        """``ROUND/correction.csv`` of the simulated oracle: per pick, the pixels and regions an
+        annotator would change in the picking model's masks (on a worker, before the picks are
+        labeled: their rows still address the pool's frames). Written once; a resume keeps it."""
+        from alges_dist.annotation.regions import CorrectionEffort
+        from alges_dist.simulated_oracle import simulated_correction
+
+        round_dir = self.round_dir(strategy, seed, r)
+        if not picks or (round_dir / CORRECTION_CSV).exists():
+            return
+        effort, _ = on_worker(simulated_correction, self.cfg_dict, str(self.manifest_file(strategy, seed).resolve()),
+                              str(self.model_path(strategy, seed, r).resolve()), picks,
+                              cpus=self.cfg.scoring.cpus_per_actor)
+        write_correction(round_dir, [CorrectionEffort(**e) for e in effort])
 
     # ---- driving -----------------------------------------------------------------
     def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None) -> bool:
