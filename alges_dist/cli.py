@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--target-fractions", type=_fractions, default=None, metavar="F,F",
                         help="frames-to-target at these fractions of the full-data reference's metric "
                         "(default 0.9,0.95; needs loop.full_data_reference: true)")
+    report.add_argument("--target-dice", type=_dice, default=None, metavar="D",
+                        help="the forecast's target: frames each strategy is expected to need to reach Dice D "
+                        "(an extrapolation; default: the full-data reference's Dice where the run has one)")
     label = sub.add_parser(
         "label", help="import people's labels for a run's pending query batch (loop.oracle: human/labelstudio)",
         description="Label the batch that waits for people (the first batch and its test frames, or a round's "
@@ -230,12 +233,22 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
+def _dice(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 0.8") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a Dice lies in (0, 1], got {text!r}")
+    return value
+
+
 def _report(args: argparse.Namespace) -> int:
     from alges_dist.report import TARGET_FRACTIONS, write_report
 
     _log_to(args.run, args.argv)
     path = write_report(args.run, metric=args.metric, baselines=args.baseline,
-                        target_fractions=args.target_fractions or TARGET_FRACTIONS)
+                        target_fractions=args.target_fractions or TARGET_FRACTIONS, target_dice=args.target_dice)
     print((args.run / "report" / "aulc.md").read_text())
     print((args.run / "report" / "headline.md").read_text())
     print(f"report: {path}")

@@ -122,3 +122,32 @@ def plot_per_class_curves(table: Sequence[dict[str, Any]], out_png: Path, *,
     _save(fig, out_png)
     plt.close(fig)
     return plotted
+
+
+def plot_effort_curves(table: Sequence[dict[str, Any]], out_png: Path, metric: str = "dice", *,
+                       reference: float | None = None) -> dict[str, np.ndarray]:
+    """The effort curve: test metric vs cumulative corrected pixels, one line per strategy
+    (means over seeds, ``effort.effort_table``; rounds without a measured effort left out),
+    the full-data value dashed. Returns ``{strategy: (n, 2)}`` as drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted: dict[str, np.ndarray] = {}
+    for strategy in dict.fromkeys(r["strategy"] for r in table):
+        pts = [(r["corrected_px_cum_mean"], r[f"{metric}_mean"]) for r in table if r["strategy"] == strategy
+               and np.isfinite(r["corrected_px_cum_mean"]) and np.isfinite(r[f"{metric}_mean"])]
+        if pts:
+            (line,) = ax.plot(*np.array(pts).T, marker="o", markersize=3, label=strategy)
+            plotted[strategy] = line.get_xydata()
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=FULL_DATA)
+        plotted[FULL_DATA] = np.array([[np.nan, reference]])
+    ax.set_xlabel("corrected pixels, cumulative (the picking models' masks vs the labels)")
+    ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n_seeds = max((r["n_seeds"] for r in table), default=0)
+    fig.suptitle(f"mean over {n_seeds} seed{'s' if n_seeds != 1 else ''}; the initial set is not counted", fontsize=9)
+    fig.tight_layout()
+    _save(fig, out_png)
+    plt.close(fig)
+    return plotted

@@ -11,6 +11,11 @@ runs' manifests and models) and writes ``RUN/report/``:
                           the paired difference to each baseline (95% CI, p-value)
     round_differences.csv the paired difference to the baseline at every round
     frames_to_target.csv / .md  labeled frames to reach each target, annotation saved
+    effort.csv            per (strategy, round): corrected pixels and regions (the click proxy) of
+                          the round's picks, mean and std over seeds, and the cumulative pixels
+    effort_to_target.csv / .md, effort_curves.png  the same paired statistics in corrected pixels
+    forecast.csv          an inverse power law fitted per seed: Dice after one more round, frames
+                          to --target-dice (a band over seeds and residuals), or why not
     per_class_*.csv, per_class_aulc.md, per_class_curves.png   Dice per class
     per_video.csv / .md   how many frames each strategy picked from each video
     last_batch_*.png      the last query batch with the model's predicted masks
@@ -42,7 +47,9 @@ from alges_dist.data.atomic import atomic_write_text
 from alges_dist.errors import InputError
 from alges_dist.contact_sheet import contact_sheet
 from alges_dist.predictions import predict_masks
-from alges_dist.report.figures import plot_learning_curves, plot_per_class_curves
+from alges_dist.report.effort import EFFORT_X, effort_table, measured_rows, round_corrections, with_effort
+from alges_dist.report.figures import plot_effort_curves, plot_learning_curves, plot_per_class_curves
+from alges_dist.report.forecast import MIN_POINTS, MIN_R2, forecast_table, mean_reference
 from alges_dist.report.comparisons import (
     METRIC_LABELS,
     METRICS,
@@ -205,6 +212,8 @@ def correction_table(run: Path, strategies: Sequence[str], seeds: Sequence[int],
                     seconds = c["annotation_seconds"]
                     rows.append({"strategy": strategy, "seed": seed, "round": r, "frames": c["n_frames"],
                                  "pixels_changed": c["pixels_changed"], "pct_changed": 100 * c["fraction_changed"],
+                                 "regions_changed": float("nan") if c.get("regions_changed") is None
+                                 else c["regions_changed"],
                                  "annotation_s": float("nan") if seconds is None else seconds,
                                  "s_per_frame": float("nan") if seconds is None else seconds / c["n_frames_timed"]})
     return rows
@@ -286,12 +295,67 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
     return out / "report.html"
 
 
+def _effort_section(run: Path, rows: list[dict[str, Any]], metric: str, compared: list[str], baseline: str | None,
+                    ref_by_seed: dict[int, float], fractions: Sequence[float], out: Path) -> tuple[list[str], list[str]]:
+    """effort.csv, effort_to_target.csv / .md and effort_curves.png; the html parts and the
+    headline's effort sentences (none when no round of the run measured its correction effort)."""
+    corrections = round_corrections(run, rows)
+    for stale in ("effort.csv", "effort_to_target.csv", "effort_to_target.md", "effort_curves.png"):
+        (out / stale).unlink(missing_ok=True)  # from an earlier report of this folder, if any
+    if not corrections:
+        return ["<h2>Annotation effort</h2><p>No round of this run measured its correction effort (no "
+                "correction.csv: rounds labeled before it was recorded, or masks imported without "
+                "pre-annotations).</p>"], []
+    measured = measured_rows(with_effort(rows, corrections))
+    table = effort_table(with_effort(rows, corrections), metric)
+    write_csv(table, out / "effort.csv")
+    plot_effort_curves(table, out / "effort_curves.png", metric,
+                       reference=float(np.mean(list(ref_by_seed.values()))) if ref_by_seed else None)
+    effort = [f for b in compared for f in frames_to_target_table(measured, metric, b, ref_by_seed, fractions,
+                                                                   x=EFFORT_X, unit="pixels")]
+    _write_table(effort, out, "effort_to_target")
+    sentences = headline([f for f in effort if f["baseline"] == baseline], baseline, unit="pixels") if baseline else []
+    label = html.escape(METRIC_LABELS.get(metric, metric))
+    parts = [
+        "<h2>Annotation effort</h2><p>What an annotator changes in the picking model's masks (its pre-annotation) "
+        "to make each picked frame's label: pixels whose class differs, and regions = connected areas of them "
+        "(8-neighbourhood), a proxy for clicks: one stroke or polygon per wrong area, whatever its size. The "
+        "simulated oracle measures them against the pool's masks, people's imports against what they were shown. "
+        "Round r's effort is that of the picks labeled after round r; the initial set (no model's masks, alike "
+        "for every arm) is not counted. Mean and std over seeds.</p>" + _html_table(table),
+        f"<h3>Effort curve</h3>{_img_tag(out / 'effort_curves.png')}",
+        f"<h3>Corrected pixels to target ({label})</h3><p>As frames to target, on each seed's curve of {label} "
+        "against the cumulative corrected pixels: pixels_mean to reach the target, saved = 1 - mean pixels / "
+        "the baseline's, paired by seed (bootstrap interval, sign-flip p).</p>" + _html_table(effort)]
+    return parts, sentences
+
+
+def _forecast_section(rows: list[dict[str, Any]], metric: str, budget: int, target: float | None,
+                      ref_by_seed: dict[int, float], out: Path) -> list[str]:
+    """forecast.csv and its html part: the "when to stop" answer, an extrapolation."""
+    reference = mean_reference([{metric: v} for v in ref_by_seed.values()], metric)
+    target = target if target is not None else reference
+    table = forecast_table(rows, target, budget, metric)
+    write_csv(table, out / "forecast.csv")
+    source = ("--target-dice" if target is not None and target != reference else
+              "the full-data reference's mean" if target is not None else "none")
+    return ["<h2>Forecast: when to stop (an extrapolation)</h2><p><b>A forecast, not a measurement:</b> each "
+            "seed's curve is fitted with an inverse power law Dice = a - b·n<sup>-c</sup> (a saturating learning "
+            "curve: a its ceiling) and extrapolated, unlike frames-to-target, which never goes beyond the measured "
+            f"rounds. frames_forecast: frames to reach the target ({html.escape(source)}), mean over seeds; "
+            "dice_next_round: the fitted Dice after one more round of loop.budget frames; low/high: 95% band of a "
+            "bootstrap over seeds and fit residuals. Refused, with the reason in note, below "
+            f"{MIN_POINTS} rounds, for a flat curve or a fit with R² below {MIN_R2}, or a target at or above the "
+            "fitted asymptote.</p>" + _html_table(table)]
+
+
 def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
-                 target_fractions: Sequence[float] = TARGET_FRACTIONS) -> Path:
+                 target_fractions: Sequence[float] = TARGET_FRACTIONS, target_dice: float | None = None) -> Path:
     """Build ``RUN/report/`` from the run folder alone; returns the report.html path.
 
     baselines: strategies to compare with besides random (``alges report --baseline``);
-    target_fractions: frames-to-target at these fractions of the full-data reference.
+    target_fractions: frames-to-target at these fractions of the full-data reference;
+    target_dice: the forecast's target (``--target-dice``; default: the full-data reference's).
     """
     import pyarrow.parquet as pq
 
@@ -326,6 +390,10 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     _write_table(frames, out, "frames_to_target")
     sentences = headline([f for f in frames if f["baseline"] == baseline], baseline) if baseline else [
         "No comparison: the run has neither random nor a --baseline strategy."]
+    effort_parts, effort_sentences = _effort_section(run, rows, metric, compared, baseline, ref_by_seed,
+                                                     target_fractions, out)
+    sentences += effort_sentences
+    forecast_parts = _forecast_section(rows, metric, cfg.loop.budget, target_dice, ref_by_seed, out)
     atomic_write_text(out / "headline.md", "\n\n".join(sentences) + "\n")
     plot_learning_curves(
         table, out / "learning_curves.png", baseline=baseline,
@@ -391,6 +459,8 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
         f"<h2>Paired difference to {html.escape(baseline or 'a baseline')} at each round</h2>"
         f"<p>★ on the curves: p &lt; {SIGNIFICANCE_LEVEL}, uncorrected for the number of rounds "
         "(both metrics in round_differences.csv).</p>" + _html_table([d for d in differences if d["metric"] == metric]),
+        *effort_parts,
+        *forecast_parts,
         *per_class_parts,
         "<h2>Per round (mean and std over seeds)</h2>" + _html_table(table),
         "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos),
@@ -401,8 +471,9 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
-        parts.append("<h2>Correction effort</h2><p>Pixels annotators changed in the model's pre-annotations, "
-                     "and the annotation time the tool reported (blank: not reported).</p>" + _html_table(effort))
+        parts.append("<h2>Correction effort per run and round</h2><p>Pixels (and connected regions of them) "
+                     "changed from the model's pre-annotations, and the annotation time the tool reported (blank: "
+                     "not reported; the simulated oracle reports none).</p>" + _html_table(effort))
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))
     log.info("report: %s", out / "report.html")
