@@ -321,7 +321,7 @@ def _rounds(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out} is a file; give a folder for the run")
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
-    runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
+    runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.arms]
     # the lock first: a second writer is refused at once, not after Ray and the pool check
     with RunFolderLock(args.out, " ".join(args.argv)), \
             RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:

@@ -178,7 +178,7 @@ def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path) -> list[tuple
     layout = RunLayout(run)
     seed = cfg.loop.seeds[0]
     sheets = []
-    for strategy in cfg.loop.strategies:
+    for strategy in cfg.loop.arms:
         mine = queries.filter(pc.and_(pc.equal(queries["strategy"], strategy), pc.equal(queries["seed"], seed)))
         if mine.num_rows == 0:
             continue
@@ -278,7 +278,7 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
     atomic_write_text(out / "headline.md", NOT_EVALUATED + "\n")
     atomic_write_text(out / "aulc.md", NOT_EVALUATED + "\n")
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
-    videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
+    videos = per_video_counts(run, queries, cfg.loop.arms, cfg.loop.seeds) if queries is not None else []
     _write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out) if queries is not None else []
     counts = [{k: r[k] for k in ("strategy", "round", "n_labeled", "n_seeds")} for r in table]
@@ -287,7 +287,7 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
              "<h2>Labeled frames per round</h2>" + _html_table(counts),
              "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos)]
     parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
-    effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
+    effort = correction_table(run, cfg.loop.arms, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
         parts.append("<h2>Correction effort</h2>" + _html_table(effort))
@@ -421,7 +421,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
             "<h3>Area under each class's Dice curve</h3>" + _html_table(class_areas)]
 
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
-    videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
+    videos = per_video_counts(run, queries, cfg.loop.arms, cfg.loop.seeds) if queries is not None else []
     _write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out) if queries is not None else []
 
@@ -468,7 +468,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     if sheets:
         parts.append("<h2>Last query batch</h2>")
         parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
-    effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
+    effort = correction_table(run, cfg.loop.arms, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
         parts.append("<h2>Correction effort per run and round</h2><p>Pixels (and connected regions of them) "
