@@ -12,10 +12,15 @@ fitted exactly this three-parameter form to small medical samples), it has one p
 question asked (ceiling a, distance b, rate c), and it is monotone, so "frames to reach D"
 has one answer: n = (b / (a - D))^(1/c) when D < a, none when D >= a.
 
+The forecast is that of the seeds' mean curve, as the learning curves show it: the Dice after
+one more round is the mean of the seeds' fitted curves there, and the frames to a target are
+where that mean fitted curve crosses it (not the mean of each seed's frames: one seed whose
+ceiling lies just above the target would send that mean to thousands of frames).
+
 The band: a bootstrap over seeds and fit residuals. Each resample draws the seeds with
 replacement, replaces each drawn seed's curve by its fit plus residuals drawn with
-replacement from that fit, refits, and takes the mean over the drawn seeds; the 2.5% and
-97.5% quantiles of those means are the band (``numpy.random.default_rng(0)``: reproducible).
+replacement from that fit, refits, and takes the drawn seeds' mean curve; the 2.5% and
+97.5% quantiles of its answers are the band (``numpy.random.default_rng(0)``: reproducible).
 
 Refused, with the reason, when the curve cannot carry an extrapolation: fewer than
 ``MIN_POINTS`` rounds (three parameters and one residual degree of freedom), a flat curve,
@@ -107,8 +112,26 @@ def fit_inverse_power_law(xs: Sequence[float], ys: Sequence[float],
     return PowerLawFit(a, b, c, r2, residuals)
 
 
+def frames_of_mean_curve(fits: Sequence[PowerLawFit], target: float) -> float:
+    """Labeled frames where the mean of the fitted curves reaches ``target`` (inf: never, the
+    target at or above the mean asymptote). The mean of increasing curves is increasing: bisection."""
+    a, b, c = (np.array(v, dtype=np.float64) for v in zip(*((f.a, f.b, f.c) for f in fits)))  # (n_fits,) each
+    if target >= a.mean():
+        return float("inf")
+    mean = lambda n: float(np.mean(a - b * n ** -c))  # noqa: E731
+    low, high = 1e-9, 1.0
+    if mean(low) >= target:
+        return 0.0
+    while mean(high) < target:  # the mean tends to a > target: a bracket exists
+        low, high = high, high * 2
+    for _ in range(48):  # the bracket's width / 2^48: far below a frame
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean(mid) < target else (low, mid)
+    return high
+
+
 class Forecast(NamedTuple):
-    frames: float  # mean over seeds of the frames to reach the target (NaN: refused or no target)
+    frames: float  # frames at which the seeds' mean fitted curve reaches the target (NaN: refused or no target)
     frames_low: float
     frames_high: float  # inf: some resamples never reach the target
     dice_next: float  # mean over seeds of the fitted Dice after one more round
@@ -142,7 +165,7 @@ def forecast_curves(curves: dict[int, tuple[np.ndarray, np.ndarray]], target: fl
     draws_frames, draws_dice = [], []
     for _ in range(n_resamples):
         chosen = rng.choice(seeds, size=len(seeds))
-        frames, dice = [], []
+        refits, dice = [], []
         for s in chosen:
             xs, fit = curves[s][0], fits[s]
             ys = inverse_power_law(xs, fit.a, fit.b, fit.c) + rng.choice(fit.residuals, size=len(xs))
@@ -150,9 +173,9 @@ def forecast_curves(curves: dict[int, tuple[np.ndarray, np.ndarray]], target: fl
                 refit = fit_inverse_power_law(xs, ys, start=(fit.a, fit.b, fit.c))
             except ForecastRefused:
                 refit = fit  # a resample too noisy to fit keeps its seed's own fit, not a gap in the band
-            frames.append(refit.frames_for(target) if target is not None else NAN)
+            refits.append(refit)
             dice.append(refit.dice_at(next_n[s]))
-        draws_frames.append(float(np.mean(frames)))
+        draws_frames.append(frames_of_mean_curve(refits, target) if target is not None else NAN)
         draws_dice.append(float(np.mean(dice)))
     # inverted_cdf: quantiles are drawn values, never an interpolation between inf and a number
     dice_low, dice_high = np.quantile(draws_dice, [0.025, 0.975], method="inverted_cdf")
@@ -166,10 +189,7 @@ def forecast_curves(curves: dict[int, tuple[np.ndarray, np.ndarray]], target: fl
         return Forecast(NAN, NAN, NAN, dice_next, float(dice_low), float(dice_high), asymptote, len(fits),
                         f"target {target:.4f} lies at or above the fitted asymptote {asymptote:.4f} (mean over "
                         "seeds): the curve is not expected to reach it")
-    frames = float(np.mean([fits[s].frames_for(target) for s in seeds]))
-    if not np.isfinite(frames):
-        return Forecast(NAN, NAN, NAN, dice_next, float(dice_low), float(dice_high), asymptote, len(fits),
-                        f"target {target:.4f} lies above the fitted asymptote of some seeds: never reached there")
+    frames = frames_of_mean_curve([fits[s] for s in seeds], target)
     low, high = np.quantile(draws_frames, [0.025, 0.975], method="inverted_cdf")
     return Forecast(frames, float(low), float(high), dice_next, float(dice_low), float(dice_high), asymptote,
                     len(fits), refused.strip())
