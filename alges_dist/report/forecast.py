@@ -31,7 +31,6 @@ seeds fitting, or a target at or above the fitted asymptote (the law says never)
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -209,10 +208,3 @@ def forecast_table(rows: Sequence[dict[str, Any]], target: float | None, budget:
                     "n_seeds": len(curves[strategy]), "n_seeds_fit": f.n_fit, "note": f.refused})
     return out
 
-
-def mean_reference(reference: Sequence[dict[str, Any]], metric: str = "dice") -> float | None:
-    """The default target: the full-data reference's metric, mean over its seeds (None: no reference)."""
-    values = defaultdict(list)
-    for r in reference:
-        values[metric].append(r[metric])
-    return float(np.mean(values[metric])) if values[metric] else None

@@ -30,12 +30,8 @@ completed, so a run that is further along does not get a larger area. The statis
 
 from __future__ import annotations
 
-import base64
-import csv
 import html
-import io
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,13 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from alges_dist.contact_sheet import contact_sheet
 from alges_dist.data.atomic import atomic_write_text
 from alges_dist.errors import InputError
-from alges_dist.contact_sheet import contact_sheet
+from alges_dist.near_picks import near_pick_column
 from alges_dist.predictions import predict_masks
-from alges_dist.report.effort import EFFORT_X, effort_table, measured_rows, round_corrections, with_effort
-from alges_dist.report.figures import plot_effort_curves, plot_learning_curves, plot_per_class_curves
-from alges_dist.report.forecast import MIN_POINTS, MIN_R2, forecast_table, mean_reference
 from alges_dist.report.comparisons import (
     METRIC_LABELS,
     METRICS,
@@ -63,9 +57,32 @@ from alges_dist.report.comparisons import (
     per_class_round_table,
     round_differences,
 )
-from alges_dist.near_picks import near_pick_column
+from alges_dist.report.effort import (
+    EFFORT_X,
+    effort_table,
+    measured_rows,
+    round_corrections,
+    with_effort,
+)
+from alges_dist.report.figures import (
+    plot_effort_curves,
+    plot_learning_curves,
+    plot_per_class_curves,
+)
+from alges_dist.report.forecast import MIN_POINTS, MIN_R2, forecast_table
+from alges_dist.report.statistics import (
+    MAX_EXACT_SIGN_FLIPS,
+    MIN_SEEDS_FOR_INTERVAL,
+    aulc,
+)
+from alges_dist.report.tables import (
+    html_table,
+    img_tag,
+    markdown_table,
+    write_csv,
+    write_table,
+)
 from alges_dist.run_folder import RunLayout, read_results
-from alges_dist.report.statistics import MAX_EXACT_SIGN_FLIPS, MIN_SEEDS_FOR_INTERVAL, aulc
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +118,6 @@ def _order(rows: Sequence[dict[str, Any]], strategy: str) -> int:
     """Strategies in the order they first appear (the config's order)."""
     seen = list(dict.fromkeys(r["strategy"] for r in rows))
     return seen.index(strategy)
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-    return path
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def format_results(results_csv: Path) -> str:
@@ -219,24 +211,6 @@ def correction_table(run: Path, strategies: Sequence[str], seeds: Sequence[int],
     return rows
 
 
-def _img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}" style="max-width:100%">'
-
-
-def _html_table(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>(no rows)</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _write_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> None:
-    write_csv(rows, out / f"{name}.csv")
-    atomic_write_text(out / f"{name}.md", markdown_table(rows) + "\n")
-
-
 def _mean_by(rows: Sequence[dict[str, Any]], key: str, value: str) -> dict[Any, float]:
     groups: dict[Any, list[float]] = defaultdict(list)
     for r in rows:
@@ -279,18 +253,18 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
     atomic_write_text(out / "aulc.md", NOT_EVALUATED + "\n")
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
     videos = per_video_counts(run, queries, cfg.loop.arms, cfg.loop.seeds) if queries is not None else []
-    _write_table(videos, out, "per_video")
+    write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out) if queries is not None else []
     counts = [{k: r[k] for k in ("strategy", "round", "n_labeled", "n_seeds")} for r in table]
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>alges report</title></head><body>",
              f"<h1>Active-learning report: {html.escape(run.name)}</h1>", f"<p><b>{html.escape(NOT_EVALUATED)}</b></p>",
-             "<h2>Labeled frames per round</h2>" + _html_table(counts),
-             "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos)]
-    parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
+             "<h2>Labeled frames per round</h2>" + html_table(counts),
+             "<h2>Frames picked per video (all seeds and rounds)</h2>" + html_table(videos)]
+    parts += [f"<h3>{html.escape(title)}</h3>{img_tag(path)}" for title, path in sheets]
     effort = correction_table(run, cfg.loop.arms, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
-        parts.append("<h2>Correction effort</h2>" + _html_table(effort))
+        parts.append("<h2>Correction effort</h2>" + html_table(effort))
     atomic_write_text(out / "report.html", "\n".join([*parts, "</body></html>"]))
     return out / "report.html"
 
@@ -313,7 +287,7 @@ def _effort_section(run: Path, rows: list[dict[str, Any]], metric: str, compared
                        reference=float(np.mean(list(ref_by_seed.values()))) if ref_by_seed else None)
     effort = [f for b in compared for f in frames_to_target_table(measured, metric, b, ref_by_seed, fractions,
                                                                    x=EFFORT_X, unit="pixels")]
-    _write_table(effort, out, "effort_to_target")
+    write_table(effort, out, "effort_to_target")
     sentences = headline([f for f in effort if f["baseline"] == baseline], baseline, unit="pixels") if baseline else []
     label = html.escape(METRIC_LABELS.get(metric, metric))
     parts = [
@@ -322,18 +296,18 @@ def _effort_section(run: Path, rows: list[dict[str, Any]], metric: str, compared
         "(8-neighbourhood), a proxy for clicks: one stroke or polygon per wrong area, whatever its size. The "
         "simulated oracle measures them against the pool's masks, people's imports against what they were shown. "
         "Round r's effort is that of the picks labeled after round r; the initial set (no model's masks, alike "
-        "for every arm) is not counted. Mean and std over seeds.</p>" + _html_table(table),
-        f"<h3>Effort curve</h3>{_img_tag(out / 'effort_curves.png')}",
+        "for every arm) is not counted. Mean and std over seeds.</p>" + html_table(table),
+        f"<h3>Effort curve</h3>{img_tag(out / 'effort_curves.png')}",
         f"<h3>Corrected pixels to target ({label})</h3><p>As frames to target, on each seed's curve of {label} "
         "against the cumulative corrected pixels: pixels_mean to reach the target, saved = 1 - mean pixels / "
-        "the baseline's, paired by seed (bootstrap interval, sign-flip p).</p>" + _html_table(effort)]
+        "the baseline's, paired by seed (bootstrap interval, sign-flip p).</p>" + html_table(effort)]
     return parts, sentences
 
 
 def _forecast_section(rows: list[dict[str, Any]], metric: str, budget: int, target: float | None,
                       ref_by_seed: dict[int, float], out: Path) -> list[str]:
     """forecast.csv and its html part: the "when to stop" answer, an extrapolation."""
-    reference = mean_reference([{metric: v} for v in ref_by_seed.values()], metric)
+    reference = float(np.mean(list(ref_by_seed.values()))) if ref_by_seed else None  # the default target
     target = target if target is not None else reference
     table = forecast_table(rows, target, budget, metric)
     write_csv(table, out / "forecast.csv")
@@ -346,7 +320,7 @@ def _forecast_section(rows: list[dict[str, Any]], metric: str, budget: int, targ
             "dice_next_round: the fitted Dice after one more round of loop.budget frames; low/high: 95% band of a "
             "bootstrap over seeds and fit residuals. Refused, with the reason in note, below "
             f"{MIN_POINTS} rounds, for a flat curve or a fit with R² below {MIN_R2}, or a target at or above the "
-            "fitted asymptote.</p>" + _html_table(table)]
+            "fitted asymptote.</p>" + html_table(table)]
 
 
 def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
@@ -376,18 +350,18 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     out.mkdir(exist_ok=True)
     table = round_table(rows)
     near_pick_column(table, run, cfg)  # picks near another pick or label of their video (issue 11)
-    _write_table(table, out, "rounds")
+    write_table(table, out, "rounds")
     if all(r[metric] is None for r in rows):
         return _unevaluated_report(run, cfg, table, out)
     areas = aulc_table(rows, metric, compared)
-    _write_table(areas, out, "aulc")
+    write_table(areas, out, "aulc")
 
     reference = read_results(layout.reference_results_path) if layout.reference_results_path.exists() else []
     ref_by_seed = {r["seed"]: r[metric] for r in reference}
     differences = [d for m in METRICS for d in round_differences(rows, m, baseline)] if baseline else []
     write_csv(differences, out / "round_differences.csv")
     frames = [f for b in compared for f in frames_to_target_table(rows, metric, b, ref_by_seed, target_fractions)]
-    _write_table(frames, out, "frames_to_target")
+    write_table(frames, out, "frames_to_target")
     sentences = headline([f for f in frames if f["baseline"] == baseline], baseline) if baseline else [
         "No comparison: the run has neither random nor a --baseline strategy."]
     effort_parts, effort_sentences = _effort_section(run, rows, metric, compared, baseline, ref_by_seed,
@@ -409,7 +383,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
         class_table = per_class_round_table(per_class)
         write_csv(class_table, out / "per_class_rounds.csv")
         class_areas = per_class_aulc_table(per_class, compared)
-        _write_table(class_areas, out, "per_class_aulc")
+        write_table(class_areas, out, "per_class_aulc")
         class_ref = (_mean_by(read_results(layout.reference_per_class_path), "class_id", "dice")
                      if layout.reference_per_class_path.exists() else None)
         plot_per_class_curves(class_table, out / "per_class_curves.png", reference=class_ref)
@@ -417,12 +391,12 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
             "<h2>Per class</h2><p>The paper's Dice of each class on the test split (a class absent from an "
             "image's prediction and mask counts 1 there), mean ± std over seeds"
             f"{'; dashed: the full-data reference' if class_ref else ''}.</p>"
-            + _img_tag(out / "per_class_curves.png"),
-            "<h3>Area under each class's Dice curve</h3>" + _html_table(class_areas)]
+            + img_tag(out / "per_class_curves.png"),
+            "<h3>Area under each class's Dice curve</h3>" + html_table(class_areas)]
 
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
     videos = per_video_counts(run, queries, cfg.loop.arms, cfg.loop.seeds) if queries is not None else []
-    _write_table(videos, out, "per_video")
+    write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out) if queries is not None else []
 
     settings = {
@@ -442,38 +416,38 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
         "th{background:#f2f2f2}</style></head><body>",
         f"<h1>Active-learning report: {html.escape(run.name)}</h1>",
-        _html_table([{"setting": k, "value": v} for k, v in settings.items()]),
+        html_table([{"setting": k, "value": v} for k, v in settings.items()]),
         "<h2>Headline: how many annotations does it save?</h2>"
         + "".join(f"<p><b>{html.escape(t)}</b></p>" for t in sentences),
-        f"<h2>Learning curves</h2>{_img_tag(out / 'learning_curves.png')}<p>{html.escape(reference_note)}</p>",
+        f"<h2>Learning curves</h2>{img_tag(out / 'learning_curves.png')}<p>{html.escape(reference_note)}</p>",
         f"<h2>Area under the learning curve ({label})</h2>"
         "<p>Trapezoid area over labeled frames divided by their span (the metric averaged over the budget), "
         "mean and std over seeds; vs_B is the mean over seeds of the paired difference to baseline B, with its "
         "95% interval (ci95_low, ci95_high; empty below 3 seeds) and p-value.</p>"
-        + _method_note(rows, baseline) + _html_table(areas),
+        + _method_note(rows, baseline) + html_table(areas),
         f"<h2>Frames to target ({label})</h2><p>Labeled frames each strategy needs to reach the target, per seed "
         "on its own curve, interpolated linearly between rounds and never beyond its last round (n_not_reached: "
         "seeds that end below the target within within_frames; then no mean is given). saved = 1 - mean "
         "frames / the baseline's mean frames, with a paired bootstrap interval; p: sign-flip test of the paired "
-        "frame differences.</p>" + _html_table(frames),
+        "frame differences.</p>" + html_table(frames),
         f"<h2>Paired difference to {html.escape(baseline or 'a baseline')} at each round</h2>"
         f"<p>★ on the curves: p &lt; {SIGNIFICANCE_LEVEL}, uncorrected for the number of rounds "
-        "(both metrics in round_differences.csv).</p>" + _html_table([d for d in differences if d["metric"] == metric]),
+        "(both metrics in round_differences.csv).</p>" + html_table([d for d in differences if d["metric"] == metric]),
         *effort_parts,
         *forecast_parts,
         *per_class_parts,
-        "<h2>Per round (mean and std over seeds)</h2>" + _html_table(table),
-        "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos),
+        "<h2>Per round (mean and std over seeds)</h2>" + html_table(table),
+        "<h2>Frames picked per video (all seeds and rounds)</h2>" + html_table(videos),
     ]
     if sheets:
         parts.append("<h2>Last query batch</h2>")
-        parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
+        parts += [f"<h3>{html.escape(title)}</h3>{img_tag(path)}" for title, path in sheets]
     effort = correction_table(run, cfg.loop.arms, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
         parts.append("<h2>Correction effort per run and round</h2><p>Pixels (and connected regions of them) "
                      "changed from the model's pre-annotations, and the annotation time the tool reported (blank: "
-                     "not reported; the simulated oracle reports none).</p>" + _html_table(effort))
+                     "not reported; the simulated oracle reports none).</p>" + html_table(effort))
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))
     log.info("report: %s", out / "report.html")
