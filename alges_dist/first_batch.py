@@ -72,7 +72,8 @@ class FirstBatch:
         return self.exp.cfg.loop.oracle != "simulated"
 
     def batch(self) -> Batch:
-        return Batch(self.name, self.folder, self.selection_path, None, batch_key(self.exp, "first_batch" if self.initial is None else f"first_batch_{self.initial}"), "")
+        key = "first_batch" if self.initial is None else f"first_batch_{self.initial}"
+        return Batch(self.name, self.folder, self.selection_path, None, batch_key(self.exp, key), "")
 
     def pending(self) -> bool:
         """Handed to people and not labeled yet."""
@@ -97,9 +98,9 @@ class FirstBatch:
                 exp.check()
             for stage in STAGES:
                 if not self.done(stage):
-                    exp._notify("start", stage, "first batch", seed, -1, {})
+                    exp._notify("start", stage, self.name.removeprefix("the "), seed, -1, {})
                     info = getattr(self, stage)()
-                    exp._notify("done", stage, "first batch", seed, -1, info)
+                    exp._notify("done", stage, self.name.removeprefix("the "), seed, -1, info)
         if not self.record_path.exists():
             self.write_record()
         return self.manifest_path
