@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--target-fractions", type=_fractions, default=None, metavar="F,F",
                         help="frames-to-target at these fractions of the full-data reference's metric "
                         "(default 0.9,0.95; needs loop.full_data_reference: true)")
+    report.add_argument("--target-dice", type=_dice, default=None, metavar="D",
+                        help="the forecast's target: frames each strategy is expected to need to reach Dice D "
+                        "(an extrapolation; default: the full-data reference's Dice where the run has one)")
     label = sub.add_parser(
         "label", help="import people's labels for a run's pending query batch (loop.oracle: human/labelstudio)",
         description="Label the batch that waits for people (the first batch and its test frames, or a round's "
@@ -241,12 +244,22 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
+def _dice(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 0.8") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a Dice lies in (0, 1], got {text!r}")
+    return value
+
+
 def _report(args: argparse.Namespace) -> int:
     from alges_dist.report import TARGET_FRACTIONS, write_report
 
     _log_to(args.run, args.argv)
     path = write_report(args.run, metric=args.metric, baselines=args.baseline,
-                        target_fractions=args.target_fractions or TARGET_FRACTIONS)
+                        target_fractions=args.target_fractions or TARGET_FRACTIONS, target_dice=args.target_dice)
     print((args.run / "report" / "aulc.md").read_text())
     print((args.run / "report" / "headline.md").read_text())
     print(f"report: {path}")
@@ -324,7 +337,7 @@ def _rounds(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out} is a file; give a folder for the run")
     until = args.command if args.command in ("train", "score", "select") else None
     rounds = 1 if args.command in ("round", "train", "score", "select") else None
-    runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.strategies]
+    runs = [(strategy, seed) for seed in cfg.loop.seeds for strategy in cfg.loop.arms]
     # the lock first: a second writer is refused at once, not after Ray and the pool check
     with RunFolderLock(args.out, " ".join(args.argv)), \
             RaySession(num_cpus=args.num_cpus, dashboard=args.dashboard, keep_logs=args.keep_ray_logs) as session:
@@ -372,10 +385,10 @@ def _rounds(args: argparse.Namespace) -> int:
 
 
 def _predict_on_worker(*args: Any) -> Any:
-    """The report's predicted masks (``handoff.predict_masks``) on a warm Ray worker: the driver
+    """The report's predicted masks (``predictions.predict_masks``) on a warm Ray worker: the driver
     never imports torch and smp (4-5 s; issue 24)."""
     from alges_dist.distributed.tasks import on_worker
-    from alges_dist.handoff import predict_masks
+    from alges_dist.predictions import predict_masks
 
     return on_worker(predict_masks, *args)[0]
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alges_dist.arms import arm_name
 from alges_dist.errors import InputError
 from alges_dist.selection import DISTANCE_RULES, STRATEGIES
 
@@ -163,6 +164,11 @@ class LoopConfig(_Section):
         "loop.initial_seed), spread (every video its share, frames evenly spaced in time, selection.min_gap_s kept), "
         "kcenter (k-center greedy on the encoder's pooled feature at the initial weights, scored on workers). "
         "auto: spread when people annotate (human, labelstudio), random for the simulated oracle.")
+    initial_strategies: list[Literal["random", "spread", "kcenter"]] | None = Field(
+        None, description="A cold-start comparison (simulated oracle): one first batch per rule listed, each "
+        "followed by every strategy's rounds; the runs (arms) are named RULE+STRATEGY (e.g. "
+        "kcenter+alges-img-kcenter) and paired by seed: same initial weights and selection seeds, only the first "
+        "batch differs. Unset: one first batch (loop.initial_strategy) and runs named by strategy.")
     test_frames: int = Field(
         20, ge=0, description="With people annotating (human, labelstudio) and a test split without masks: test "
         "frames spread over the test videos, handed off once with the first batch; the learning curves use them.")
@@ -170,6 +176,12 @@ class LoopConfig(_Section):
         False, description="Also train once per seed on every pool frame with a mask (same recipe, same initial "
         "weights) and evaluate it: the report's full-data line and frames-to-target fractions refer to it."
     )
+
+    @property
+    def arms(self) -> list[str]:
+        """The experiment's runs: each strategy, or each (cold start, strategy) pair of
+        ``initial_strategies`` (cold start outer), named ``RULE+STRATEGY``."""
+        return [arm_name(i, s) for i in (self.initial_strategies or [None]) for s in self.strategies]
 
     @property
     def first_batch_strategy(self) -> str:
@@ -187,6 +199,23 @@ class LoopConfig(_Section):
         if not v:
             raise InputError("at least one strategy is needed")
         return _no_repeats(v)
+
+    @model_validator(mode="after")
+    def _one_way_to_cold_start(self) -> LoopConfig:
+        if self.initial_strategies is None:
+            return self
+        if not self.initial_strategies:
+            raise InputError("loop.initial_strategies is empty: list the cold starts to compare (random, spread, "
+                             "kcenter) or leave it unset")
+        _no_repeats(self.initial_strategies)
+        if self.initial_strategy != "auto":
+            raise InputError(f"loop.initial_strategy ({self.initial_strategy}) and loop.initial_strategies "
+                             f"({self.initial_strategies}) are both set: keep one (initial_strategies compares "
+                             "several cold starts, initial_strategy picks the one)")
+        if self.oracle != "simulated":
+            raise InputError(f"loop.initial_strategies compares cold starts with the simulated oracle, not "
+                             f"loop.oracle: {self.oracle}: people annotate one first batch (set loop.initial_strategy)")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -260,6 +289,11 @@ class Config(_Section):
             raise ConfigError(
                 f"data.n_classes={self.data.n_classes} but {source} encodes {n_classes} classes"
             )
+        if n_labeled and self.loop.initial_strategies is not None:
+            raise ConfigError(
+                f"loop.initial_strategies={self.loop.initial_strategies} compares cold starts, but {source} has "
+                f"{n_labeled} frames labeled already (they are the initial set, nothing is picked cold): leave "
+                "loop.initial_strategies unset, or ingest a pool without labeled frames")
         initial = n_labeled or self.loop.initial_labeled
         needed = initial + self.loop.n_rounds * self.loop.budget
         if needed > n_pool:

@@ -41,14 +41,19 @@ class FirstBatch:
     written last, marks them all done; ``RUN/initial/record.json`` says where each ran.
     """
 
-    name = "the first batch"
-
-    def __init__(self, exp: Any):
-        self.exp = exp
+    def __init__(self, exp: Any, initial: str | None = None):
+        """initial: the cold-start rule of one of several (``loop.initial_strategies``, its own
+        folder ``RUN/initial/RULE``); None: the experiment's one first batch (``RUN/initial``)."""
+        self.exp, self.initial = exp, initial
+        self.name = "the first batch" if initial is None else f"the {initial} first batch"
 
     @property
     def folder(self) -> Path:
-        return self.exp.initial_manifest_path.parent
+        return self.exp.initial_dir(self.initial)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.parquet"
 
     @property
     def selection_path(self) -> Path:
@@ -60,22 +65,23 @@ class FirstBatch:
 
     @property
     def rule(self) -> str:
-        return self.exp.cfg.loop.first_batch_strategy
+        return self.initial or self.exp.cfg.loop.first_batch_strategy
 
     @property
     def people(self) -> bool:
         return self.exp.cfg.loop.oracle != "simulated"
 
     def batch(self) -> Batch:
-        return Batch(self.name, self.folder, self.selection_path, None, batch_key(self.exp, "first_batch"), "")
+        key = "first_batch" if self.initial is None else f"first_batch_{self.initial}"
+        return Batch(self.name, self.folder, self.selection_path, None, batch_key(self.exp, key), "")
 
     def pending(self) -> bool:
         """Handed to people and not labeled yet."""
-        return (self.people and self.selection_path.exists() and not self.exp.initial_manifest_path.exists()
+        return (self.people and self.selection_path.exists() and not self.manifest_path.exists()
                 and pq.read_metadata(self.selection_path).num_rows > 0)
 
     def done(self, stage: str) -> bool:
-        if self.exp.initial_manifest_path.exists():
+        if self.manifest_path.exists():
             return True
         if stage == "score":  # only k-center needs an embedding, and only when it picks pool frames
             needs = self.rule == "kcenter" and (self.exp.summary or {}).get("n_labeled", 0) == 0
@@ -87,17 +93,17 @@ class FirstBatch:
     def advance(self) -> Path:
         """Run the pending stages; returns the initial manifest (WaitingForLabels while people label)."""
         exp, seed = self.exp, self.exp.cfg.loop.initial_seed
-        if not exp.initial_manifest_path.exists():
+        if not self.manifest_path.exists():
             if exp.summary is None:
                 exp.check()
             for stage in STAGES:
                 if not self.done(stage):
-                    exp._notify("start", stage, "first batch", seed, -1, {})
+                    exp._notify("start", stage, self.name.removeprefix("the "), seed, -1, {})
                     info = getattr(self, stage)()
-                    exp._notify("done", stage, "first batch", seed, -1, info)
+                    exp._notify("done", stage, self.name.removeprefix("the "), seed, -1, info)
         if not self.record_path.exists():
             self.write_record()
-        return exp.initial_manifest_path
+        return self.manifest_path
 
     def score(self) -> dict[str, Any]:
         from alges_dist.distributed.scoring_job import score_pool
@@ -132,7 +138,7 @@ class FirstBatch:
         from alges_dist.cold_start import write_initial_manifest
 
         exp, started = self.exp, time.perf_counter()
-        args = (str(exp.pool.resolve()), str(exp.initial_manifest_path.resolve()))
+        args = (str(exp.pool.resolve()), str(self.manifest_path.resolve()))
         if train is not None:  # `alges label`: in-process, like every import of people's labels (no Ray)
             n, where = write_initial_manifest(*args, train, max_pixels=exp.cfg.data.max_pixels, **people_labels), None
         else:
@@ -158,7 +164,7 @@ class FirstBatch:
         selection = json.loads((self.folder / "selection.json").read_text()) if "select" in stages else {}
         record = {"strategy": selection.get("rule"), "n_picks": selection.get("n_picks"),
                   "n_test": selection.get("n_test"), "oracle": self.exp.cfg.loop.oracle,
-                  "n_labeled": count_labeled(self.exp.initial_manifest_path), "stages": stages,
+                  "n_labeled": count_labeled(self.manifest_path), "stages": stages,
                   "config": self.exp.cfg_dict, "versions": package_versions()}
         correction = correction_summary(self.folder)
         if correction is not None:

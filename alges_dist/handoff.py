@@ -10,7 +10,8 @@ a batch goes out and *which* round its labels belong to:
   candidate per frame), validates every one against its frame and the pool's encoding,
   and copies them into the run folder: nothing is imported unless all of them pass,
   and later changes to the annotators' folder cannot change the labels;
-- :func:`contact_sheet` / :func:`predict_masks` are shared with the report;
+- the contact sheet (:mod:`alges_dist.contact_sheet`) and the model's masks
+  (:mod:`alges_dist.predictions`) are shared with the report;
 - :func:`export_batch` writes the batch for Label Studio, CVAT or COCO with the model's
   masks as pre-annotations (kept in ``preannotations/`` for the correction effort);
 - :func:`labels_from_export` checks a tool's export of the whole batch and turns it into
@@ -40,6 +41,8 @@ import pyarrow.compute as pc
 from alges_dist.data.atomic import atomic_directory, atomic_path, atomic_write_text
 from alges_dist.data.manifest import Manifest
 from alges_dist.errors import InputError
+from alges_dist.contact_sheet import PALETTE, contact_sheet, overlay_mask  # noqa: F401  (overlay_mask: re-exported)
+from alges_dist.predictions import predict_masks
 from alges_dist.run_folder import RunLayout
 
 log = logging.getLogger(__name__)
@@ -47,63 +50,6 @@ log = logging.getLogger(__name__)
 # Suffixes a returned mask may have; anything else in the folder (an annotation tool's
 # JSON, thumbnails, notes) is not a mask and is ignored.
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
-
-PALETTE = np.array([  # class id -> overlay colour: class 0 (usually background) is not drawn;
-    # greens, blues and yellows first, since endoscopic tissue is red
-    [0, 0, 0], [0, 230, 118], [0, 176, 255], [255, 234, 0], [213, 0, 249], [255, 145, 0], [0, 229, 255],
-    [118, 255, 3], [255, 64, 129], [101, 31, 255], [255, 255, 255], [0, 150, 136], [255, 23, 68],
-], dtype=np.float32)
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """uint8 RGB (H, W, 3) with class ids (H, W) painted over it (class 0 left clear)."""
-    colours = PALETTE[mask % len(PALETTE)]
-    blend = np.where((mask > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
-    return blend.round().clip(0, 255).astype(np.uint8)
-
-
-def contact_sheet(image_uris: list[str], labels: list[str], out_png: Path, *, thumb_px: int = 160,
-                  columns: int = 8, masks: list[np.ndarray] | None = None) -> Path:
-    """A grid of thumbnails with their captions; ``masks`` (class ids at thumbnail size) are overlaid."""
-    from PIL import Image, ImageDraw
-
-    from alges_dist.data.frames import load_image
-
-    rows = max(1, -(-len(image_uris) // columns))
-    caption = 14
-    sheet = Image.new("RGB", (columns * thumb_px, rows * (thumb_px + caption)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (uri, label) in enumerate(zip(image_uris, labels)):
-        thumb = load_image(uri, (thumb_px, thumb_px))
-        if masks is not None:
-            thumb = overlay_mask(thumb, masks[i])
-        x, y = (i % columns) * thumb_px, (i // columns) * (thumb_px + caption)
-        sheet.paste(Image.fromarray(thumb), (x, y))
-        draw.text((x + 2, y + thumb_px + 1), f"{i}: {label}"[:26], fill="black")
-    with atomic_path(out_png) as tmp:
-        sheet.save(tmp, format="PNG")
-    return out_png
-
-
-def predict_masks(model_path: Path, cfg: Any, image_uris: list[str], size: tuple[int, int] | None) -> list[np.ndarray]:
-    """Predicted class ids (H, W) for each image with the run's model and input settings,
-    at ``size`` (None: each image's own size)."""
-    import torch
-
-    from alges_dist.data.frames import load_image, normalize_images
-    from alges_dist.models import load_model
-
-    model = load_model(cfg.model.arch, cfg.model.encoder, cfg.data.n_classes, model_path).eval()
-    out = []
-    with torch.inference_mode():
-        for uri in image_uris:
-            target = size or load_image(uri).shape[:2]
-            rgb = load_image(uri, tuple(cfg.data.image_size))
-            logits = model(normalize_images(rgb[None], cfg.data.normalize))
-            logits = torch.nn.functional.interpolate(logits, size=tuple(target), mode="bilinear", align_corners=False)
-            out.append(logits.argmax(1)[0].numpy().astype(np.int64))
-    return out
-
 
 def csv_cell(value: Any) -> Any:
     """A CSV cell safe to open in a spreadsheet: text starting with = + - @ (or a tab or CR)
@@ -206,7 +152,9 @@ def collect_masks(picks: list[str], manifest: Manifest, masks: Path, dest: Path)
 
 # ---- annotation tools: export with pre-annotations, import of their exports ---------------------------
 PREANNOTATIONS = "preannotations"  # round folder: the model's class ids per pick, native size (PNG)
-CORRECTION_CSV = "correction.csv"  # round folder: per imported frame, pixels people changed
+CORRECTION_CSV = "correction.csv"  # round folder: per labeled frame, pixels (and regions) changed from the model's masks
+CORRECTION_COLUMNS = ["frame_id", "n_pixels", "pixels_changed", "fraction_changed", "annotation_seconds",
+                      "regions_changed"]
 LABELSTUDIO_RECORD = "labelstudio.json"  # round folder: where the batch was pushed (never the token)
 
 
@@ -357,24 +305,30 @@ def write_correction(round_dir: Path, effort: list[Any]) -> None:
         return
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["frame_id", "n_pixels", "pixels_changed", "fraction_changed", "annotation_seconds"])
+    writer.writerow(CORRECTION_COLUMNS)
     writer.writerows((csv_cell(e.frame_id), e.n_pixels, e.pixels_changed, f"{e.fraction_changed:.6f}",
-                      "" if e.annotation_seconds is None else e.annotation_seconds) for e in effort)
+                      "" if e.annotation_seconds is None else e.annotation_seconds,
+                      "" if e.regions_changed is None else e.regions_changed) for e in effort)
     atomic_write_text(Path(round_dir) / CORRECTION_CSV, buf.getvalue())
 
 
 def correction_summary(round_dir: Path) -> dict[str, Any] | None:
-    """The round's correction effort summed over its imported frames (None: no pre-annotated import)."""
+    """The round's correction effort summed over its frames (None: no pre-annotated labels).
+
+    ``regions_changed`` (the click proxy) is None where a frame's count was not recorded
+    (a correction.csv written before it was)."""
     path = Path(round_dir) / CORRECTION_CSV
     if not path.is_file():
         return None
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     timed = [float(r["annotation_seconds"]) for r in rows if r["annotation_seconds"]]
+    regions = [r.get("regions_changed") or "" for r in rows]
     n_pixels = sum(int(r["n_pixels"]) for r in rows)
     changed = sum(int(r["pixels_changed"]) for r in rows)
     return {"n_frames": len(rows), "n_pixels": n_pixels, "pixels_changed": changed,
             "fraction_changed": changed / n_pixels if n_pixels else 0.0,
+            "regions_changed": sum(int(v) for v in regions) if rows and all(regions) else None,
             "annotation_seconds": sum(timed) if timed else None, "n_frames_timed": len(timed)}
 
 

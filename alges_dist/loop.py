@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from alges_dist import people, storage
+from alges_dist.arms import split_arm
 from alges_dist.config import RESUMABLE_KEYS, Config
 from alges_dist.data.atomic import atomic_path, atomic_write_text
 from alges_dist.data.demo import demo_pool
@@ -43,7 +44,7 @@ from alges_dist.data.rounds import (
 from alges_dist.distributed.runtime import cluster_has_gpus
 from alges_dist.distributed.tasks import on_worker
 from alges_dist.first_batch import FirstBatch
-from alges_dist.handoff import correction_summary
+from alges_dist.handoff import CORRECTION_CSV, correction_summary, write_correction
 from alges_dist.people import WaitingForLabels  # noqa: F401  (the loop's stop signal; cli catches it here)
 from alges_dist.run_folder import (
     RunLayout,
@@ -92,7 +93,8 @@ class Experiment(RunLayout):
         self.summary: dict[str, Any] | None = None
         self.on_stage: Callable[..., None] | None = None
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
-        self.first_batch = FirstBatch(self)
+        self.first_batch = FirstBatch(self)  # the one first batch (people hand it off); see first_batch_of
+        self._cold_starts = {None: self.first_batch} | {i: FirstBatch(self, i) for i in cfg.loop.initial_strategies or ()}
 
     @property
     def cfg_dict(self) -> dict[str, Any]:
@@ -115,9 +117,9 @@ class Experiment(RunLayout):
                                     needs_test_masks=simulated)
         cfg.check_pool(self.summary["n_pool"], self.summary["n_classes"], str(self.pool), self.summary["n_labeled"])
         cfg.check_resources(ray.cluster_resources(), use_gpu=self.use_gpu)
-        log.info("experiment %s: pool %s (%d pool frames, %d labeled, %d test, %d classes), strategies %s, "
+        log.info("experiment %s: pool %s (%d pool frames, %d labeled, %d test, %d classes), runs %s, "
                  "seeds %s, %d rounds of %d, gpu=%s", self.out, self.pool, self.summary["n_pool"],
-                 self.summary["n_labeled"], self.summary["n_test"], self.summary["n_classes"], cfg.loop.strategies,
+                 self.summary["n_labeled"], self.summary["n_test"], self.summary["n_classes"], cfg.loop.arms,
                  cfg.loop.seeds, cfg.loop.n_rounds, cfg.loop.budget, self.use_gpu)
         return self.summary
 
@@ -134,17 +136,21 @@ class Experiment(RunLayout):
         return changes
 
     # ---- state -------------------------------------------------------------------
-    def initial_manifest(self) -> Path:
-        """The pool with the experiment's initial labeled set as round 0 (``RUN/initial``), made by
-        the first batch's stages (:class:`FirstBatch`) on first use; raises WaitingForLabels while
-        people annotate it."""
-        return self.first_batch.advance()
+    def first_batch_of(self, arm: str | None = None) -> FirstBatch:
+        """The first batch an arm starts from (None: the experiment's first, ``loop.arms[0]``'s)."""
+        return self._cold_starts[split_arm(arm or self.cfg.loop.arms[0])[0]]
+
+    def initial_manifest(self, arm: str | None = None) -> Path:
+        """The pool with the arm's initial labeled set as round 0 (``RUN/initial``, or
+        ``RUN/initial/RULE`` in a cold-start comparison), made by the first batch's stages
+        (:class:`FirstBatch`) on first use; raises WaitingForLabels while people annotate it."""
+        return self.first_batch_of(arm).advance()
 
     def manifest_file(self, strategy: str, seed: int) -> Path:
         """This run's manifest, a copy of the initial one on first use."""
         path = self.manifest_path(strategy, seed)
         if not path.exists():
-            initial = self.initial_manifest()  # the first batch's stages, before anything of this run is written
+            initial = self.initial_manifest(strategy)  # the first batch's stages, before anything of this run is written
             with atomic_path(path) as tmp:
                 shutil.copyfile(initial, tmp)
         return path
@@ -159,7 +165,7 @@ class Experiment(RunLayout):
         if stage == "evaluate":
             return self.eval_path(strategy, seed, r).exists()
         if stage == "score":  # the marker is written after the shards passed their checks
-            return get_strategy(strategy).score is None or (self.model_dir(strategy, seed, r) / "scores.json").exists()
+            return get_strategy(split_arm(strategy)[1]).score is None or (self.model_dir(strategy, seed, r) / "scores.json").exists()
         if stage == "select":
             return self.selection_path(strategy, seed, r).exists()
         if stage == "label":
@@ -171,7 +177,7 @@ class Experiment(RunLayout):
 
     def _labels_of(self, strategy: str, seed: int, r: int) -> Path:
         # Round 0's model and labels are every strategy's: trained, evaluated and scored once.
-        return self.initial_manifest() if r == 0 else self.manifest_file(strategy, seed)
+        return self.initial_manifest(strategy) if r == 0 else self.manifest_file(strategy, seed)
 
     # ---- stages ------------------------------------------------------------------
     def train(self, strategy: str, seed: int, r: int) -> dict[str, Any]:
@@ -192,7 +198,7 @@ class Experiment(RunLayout):
         from alges_dist.distributed.evaluation_job import evaluate_checkpoint
 
         # the initial manifest: its test frames are files (video frames written once), never video seeks
-        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.initial_manifest().resolve()),
+        scores, where = on_worker(evaluate_checkpoint, self.cfg_dict, str(self.initial_manifest(strategy).resolve()),
                                   str(self.model_path(strategy, seed, r).resolve()), gpu=self.use_gpu,
                                   cpus=self.cfg.scoring.cpus_per_actor)
         atomic_write_text(self.eval_path(strategy, seed, r), json.dumps({**scores, "where": where.as_dict()}, indent=1))
@@ -240,13 +246,14 @@ class Experiment(RunLayout):
         ``selection.shards`` says so) and write ``selection.parquet`` (the commit, last)."""
         from alges_dist.distributed.selection_task import pick_batch
 
-        column = score_column(strategy, projection_dim=self.cfg.scoring.projection_dim)
+        rule = split_arm(strategy)[1]  # the round strategy of the arm
+        column = score_column(rule, projection_dim=self.cfg.scoring.projection_dim)
         scores = str(self.scores_dir(strategy, seed, r).resolve()) if column else None
         n_shards = self._selection_shards(scores, column)
         gpu = self.use_gpu and n_shards == 1 and column is not None and self.cfg.selection.device != "cpu"
         # on a GPU, a process of its own: the device memory goes back to the scorers when it ends
         # (on the CPU a warm worker saves the 2-3 s of a new process and its imports)
-        picked, where = on_worker(pick_batch, self.cfg_dict, strategy, str(self.manifest_file(strategy, seed).resolve()),
+        picked, where = on_worker(pick_batch, self.cfg_dict, rule, str(self.manifest_file(strategy, seed).resolve()),
                                   scores, seed=_round_seed(seed, r), n_shards=n_shards, pool=str(self.pool.resolve()),
                                   gpu=gpu, fresh=gpu)
         info = {k: v for k, v in picked.items() if k not in ("frame_id", "value")} | {"where": where.as_dict()}
@@ -279,10 +286,26 @@ class Experiment(RunLayout):
             people.hand_off(self, people.round_batch(self, strategy, seed, r))  # raises WaitingForLabels
         # simulated oracle: the pool's own masks (checked to exist before the run started)
         picks = pq.read_table(self.selection_path(strategy, seed, r))["frame_id"].to_pylist()
+        self.simulated_effort(strategy, seed, r, picks)
         n_labeled, _ = on_worker(label_frames, str(self.manifest_file(strategy, seed).resolve()), picks, r + 1,
                                  frames_dir=str(self.round_dir(strategy, seed, r).resolve()),
                                  max_pixels=self.cfg.data.max_pixels)
         return {"n_labeled": n_labeled}
+
+    def simulated_effort(self, strategy: str, seed: int, r: int, picks: list[str]) -> None:
+        """``ROUND/correction.csv`` of the simulated oracle: per pick, the pixels and regions an
+        annotator would change in the picking model's masks (on a worker, before the picks are
+        labeled: their rows still address the pool's frames). Written once; a resume keeps it."""
+        from alges_dist.annotation.regions import CorrectionEffort
+        from alges_dist.simulated_oracle import simulated_correction
+
+        round_dir = self.round_dir(strategy, seed, r)
+        if not picks or (round_dir / CORRECTION_CSV).exists():
+            return
+        effort, _ = on_worker(simulated_correction, self.cfg_dict, str(self.manifest_file(strategy, seed).resolve()),
+                              str(self.model_path(strategy, seed, r).resolve()), picks,
+                              cpus=self.cfg.scoring.cpus_per_actor)
+        write_correction(round_dir, [CorrectionEffort(**e) for e in effort])
 
     # ---- driving -----------------------------------------------------------------
     def advance(self, strategy: str, seed: int, *, rounds: int | None = None, until: str | None = None) -> bool:
@@ -349,5 +372,5 @@ class Experiment(RunLayout):
     def write_outputs(self) -> None:
         """Rebuild RUN/results.csv and RUN/queries.parquet from the round folders."""
         loop = self.cfg.loop
-        super().write_outputs(loop.strategies, loop.seeds, loop.n_rounds)
+        super().write_outputs(loop.arms, loop.seeds, loop.n_rounds)
 

@@ -131,7 +131,7 @@ def near_pick_column(table: list[dict[str, Any]], run: Path, cfg: Any) -> str:
     queries = pq.read_table(path) if path.is_file() else None
     within_s = float(getattr(cfg.selection, "min_gap_s", None) or DEFAULT_NEAR_SECONDS)
     name = f"picks_within_{within_s:g}s"
-    counts = near_pick_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds, within_s=within_s)
+    counts = near_pick_counts(run, queries, cfg.loop.arms, cfg.loop.seeds, within_s=within_s)
     for row in table:
         row[name] = counts.get((row["strategy"], row["round"]), math.nan)
     return name

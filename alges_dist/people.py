@@ -76,7 +76,7 @@ def pending_batches(exp: Any) -> list[Batch]:
         return [exp.first_batch.batch()]
     if not exp.initial_manifest_path.exists():
         return []
-    return [round_batch(exp, strategy, seed, r) for seed in exp.cfg.loop.seeds for strategy in exp.cfg.loop.strategies
+    return [round_batch(exp, strategy, seed, r) for seed in exp.cfg.loop.seeds for strategy in exp.cfg.loop.arms
             if exp.manifest_path(strategy, seed).exists()
             for r in range(exp.cfg.loop.n_rounds)
             if exp.stage_done("select", strategy, seed, r) and not exp.stage_done("label", strategy, seed, r)]

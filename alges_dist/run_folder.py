@@ -13,6 +13,10 @@ imports the other and a copied run folder renders anywhere::
     RUN/STRATEGY/seed_S/manifest.parquet this run's labels (labeled_round per frame)
     RUN/STRATEGY/seed_S/round_RR/        model.pt, eval.json, scores/, errors.parquet (RR > 0),
                                          selection.parquet, hand-off files, record.json
+    RUN/initial/RULE/                    loop.initial_strategies (a cold-start comparison): the
+                                         first batch of each cold-start rule, as RUN/initial/ (its
+                                         manifest, selection, seed_S/round_00/); the arms are named
+                                         RULE+STRATEGY (RUN/RULE+STRATEGY/seed_S/...); init.pt stays shared
     RUN/reference/manifest.parquet       loop.full_data_reference: every pool frame with a mask
     RUN/reference/seed_S/                model.pt, record.json (test metrics) of seed S's full-data model
     RUN/results.csv                      one row per (strategy, seed, round)
@@ -39,6 +43,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alges_dist.arms import arm_name, split_arm  # noqa: F401  (arm_name: the layout's names, re-exported)
 from alges_dist.data.atomic import atomic_path, atomic_write_text, temp_owner
 from alges_dist.data.manifest import MASK_ENCODING_KEY, MaskEncoding
 from alges_dist.errors import AlgesError, InputError
@@ -54,7 +59,11 @@ _CLASS_FIELDS = ("class_id", "class_name", "dice", "dataset_dice")
 
 
 class RunLayout:
-    """Where each output of a run folder lives."""
+    """Where each output of a run folder lives.
+
+    ``strategy`` arguments are arm names: a round strategy, or ``RULE+STRATEGY`` when the
+    experiment compares cold starts (the arm's round 0 then lives under ``RUN/initial/RULE/``).
+    """
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -91,6 +100,14 @@ class RunLayout:
     def initial_manifest_path(self) -> Path:
         return self.out / "initial" / "manifest.parquet"
 
+    def initial_dir(self, initial: str | None = None) -> Path:
+        """The first batch's folder: ``RUN/initial``, or ``RUN/initial/RULE`` of one cold start of several."""
+        return self.out / "initial" if initial is None else self.out / "initial" / initial
+
+    def initial_manifest_of(self, arm: str) -> Path:
+        """The initial labeled set the arm starts from."""
+        return self.initial_dir(split_arm(arm)[0]) / "manifest.parquet"
+
     @property
     def reference_manifest_path(self) -> Path:
         return self.out / "reference" / "manifest.parquet"
@@ -116,8 +133,8 @@ class RunLayout:
     def model_dir(self, strategy: str, seed: int, r: int) -> Path:
         # Round 0 trains on the same initial set from the same weights for every
         # strategy: train, evaluate and score it once per seed.
-        if r == 0:
-            return self.out / "initial" / f"seed_{seed}" / "round_00"
+        if r == 0:  # ... of the same cold start
+            return self.initial_dir(split_arm(strategy)[0]) / f"seed_{seed}" / "round_00"
         return self.round_dir(strategy, seed, r)
 
     def model_path(self, strategy: str, seed: int, r: int) -> Path:
@@ -178,12 +195,14 @@ class RunLayout:
 
 
     def class_names(self) -> list[str] | None:
-        """The pool's class names, from the initial manifest's encoding (None before it exists)."""
-        if not self.initial_manifest_path.exists():
+        """The pool's class names, from an initial manifest's encoding (None before one exists)."""
+        found = [self.initial_manifest_path, *sorted(self.initial_dir().glob("*/manifest.parquet"))]
+        found = [p for p in found if p.exists()]
+        if not found:
             return None
-        metadata = pq.read_schema(self.initial_manifest_path).metadata or {}
+        metadata = pq.read_schema(found[0]).metadata or {}
         if MASK_ENCODING_KEY not in metadata:
-            raise InputError(f"{self.initial_manifest_path} has no mask encoding in its metadata")
+            raise InputError(f"{found[0]} has no mask encoding in its metadata")
         return MaskEncoding.from_json(metadata[MASK_ENCODING_KEY]).class_names
 
 

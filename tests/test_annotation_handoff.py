@@ -261,6 +261,7 @@ def test_correction_effort_is_summed_per_round_and_tabled_per_run(tmp_path):
         "a,100,10,0.1,12.5\nb,300,60,0.2,\nc,100,0,0.0,7.5\n")
     summary = correction_summary(round_dir)
     assert summary == {"n_frames": 3, "n_pixels": 500, "pixels_changed": 70, "fraction_changed": 70 / 500,
+                       "regions_changed": None,  # a correction.csv written before regions were recorded
                        "annotation_seconds": 20.0, "n_frames_timed": 2}
     assert correction_summary(layout.round_dir("alges-img", 1, 0)) is None  # no pre-annotated import there
     layout.record_path("alges-img", 1, 2).write_text(json.dumps({"correction": summary}))
@@ -268,7 +269,8 @@ def test_correction_effort_is_summed_per_round_and_tabled_per_run(tmp_path):
     layout.record_path("alges-img", 1, 1).write_text(json.dumps({"dice": 0.5}))  # simulated oracle: no effort
     (row,) = correction_table(tmp_path, ["random", "alges-img"], [0, 1], 3)
     assert row == {"strategy": "alges-img", "seed": 1, "round": 2, "frames": 3, "pixels_changed": 70,
-                   "pct_changed": pytest.approx(14.0), "annotation_s": 20.0, "s_per_frame": 10.0}
+                   "pct_changed": pytest.approx(14.0), "regions_changed": pytest.approx(float("nan"), nan_ok=True),
+                   "annotation_s": 20.0, "s_per_frame": 10.0}
 
 
 def test_cli_lists_the_registered_formats():

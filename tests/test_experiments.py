@@ -111,7 +111,16 @@ def test_two_strategies_three_seeds_two_rounds_the_full_data_reference_and_the_r
     videos = _csv(report / "per_video.csv")
     assert sum(int(r["n_selected"]) for r in videos) == len(queries)
     page = html.unescape((report / "report.html").read_text())
-    assert page.count("data:image/png;base64,") == 2 + len(strategies)  # images inline: opens offline
+    # images inline (opens offline): learning curves, per-class curves, the effort curve, a last batch per strategy
+    assert page.count("data:image/png;base64,") == 3 + len(strategies)
+    # the simulated oracle measured each round's picks: effort per (strategy, round), summed over the picks' rows
+    effort = {(r["strategy"], int(r["round"])): r for r in _csv(report / "effort.csv")}
+    assert set(effort) == {(s, r) for s in strategies for r in range(3)}
+    for s in strategies:
+        per_seed = [sum(int(e["pixels_changed"]) for e in _csv(out / s / f"seed_{seed}" / "round_01" / "correction.csv"))
+                    for seed in seeds]
+        np.testing.assert_allclose(float(effort[s, 1]["corrected_px_mean"]), np.mean(per_seed), rtol=1e-9)
+    assert {r["strategy"] for r in _csv(report / "forecast.csv")} == set(strategies)  # 3 rounds: refused, said why
     _check_statistics(out, page, results, seeds)
     assert "http://" not in page and "https://" not in page
 
@@ -182,7 +191,8 @@ def _check_statistics(out: Path, page: str, results: list[dict[str, str]], seeds
         assert np.mean(mine) == pytest.approx(float(r["dice"]))
     headline = (out / "report" / "headline.md").read_text().strip()
     assert headline.startswith("alges-img-kcenter ") and "random's 10-frame Dice (paper)" in headline
-    assert headline in page
+    assert all(sentence in page for sentence in headline.split("\n\n"))  # one paragraph each, frames then effort
+    assert "random's final Dice (paper)" in headline and "corrected pixels" in headline
     aulc = {r["strategy"]: r for r in _csv(out / "report" / "aulc.csv")}
     assert float(aulc["random"]["vs_random_p"]) == 1 and int(aulc["alges-img-kcenter"]["vs_random_n_pairs"]) == 3
     assert float(aulc["alges-img-kcenter"]["vs_random_p"]) >= 0.25  # 3 seeds: the exact test's floor

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alges_dist.handoff import PALETTE, contact_sheet, overlay_mask
+from alges_dist.contact_sheet import PALETTE, contact_sheet, overlay_mask
 from alges_dist.report import aulc, aulc_table, common_rounds, markdown_table, plot_learning_curves, round_table
 from alges_dist.run_folder import read_results
 
@@ -85,3 +85,14 @@ def test_overlay_paints_classes_and_leaves_background(tmp_path):
     pixels = np.asarray(Image.open(sheet))
     assert pixels.shape == (8 + 14, 16, 3)
     assert not np.array_equal(pixels[0, 0], [50, 50, 50])  # the class colour is blended in
+
+
+def test_the_report_package_imports_neither_the_loop_nor_the_hand_off():
+    """The report reads the run folder only (DESIGN: report/ reads only the run folder)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, alges_dist.report; "
+            "print(sorted(m for m in sys.modules if m in ('alges_dist.handoff', 'alges_dist.loop', 'alges_dist.people')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"

@@ -17,8 +17,8 @@ from alges_dist.config import Config
 from alges_dist.data.demo import DEMO_CLASS_NAMES, DEMO_ENCODING
 from alges_dist.data.manifest import MASK_ENCODING_KEY
 from alges_dist.report import round_table, write_report
-from alges_dist.report_figures import plot_learning_curves
-from alges_dist.report_statistics import (
+from alges_dist.report.figures import plot_learning_curves
+from alges_dist.report.comparisons import (
     aulc_table,
     frames_to_target_table,
     headline,

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from alges_dist.statistics import (
+from alges_dist.report.statistics import (
     MIN_SEEDS_FOR_INTERVAL,
     aulc,
     bootstrap_ci,

@@ -1,7 +1,7 @@
 """The report's numbers: learning curves per seed, compared with a baseline paired by seed.
 
 Pure functions of result rows (as ``run_folder.read_results`` returns them) to table rows;
-the math is ``alges_dist.statistics``. Every comparison uses the rounds that all runs have
+the math is ``report.statistics``. Every comparison uses the rounds that all runs have
 completed (:func:`common_rounds`) and the seeds that both sides of it have.
 
 - :func:`aulc_table`: area under each seed's curve, mean and std per strategy, and per
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from alges_dist.errors import InputError
-from alges_dist.statistics import MIN_SEEDS_FOR_INTERVAL, aulc, bootstrap_ci, frames_to_target, paired_difference
+from alges_dist.report.statistics import MIN_SEEDS_FOR_INTERVAL, aulc, bootstrap_ci, frames_to_target, paired_difference
 
 METRICS = ("dice", "miou")
 METRIC_LABELS = {"dice": "Dice (paper)", "miou": "mIoU"}
@@ -46,12 +46,14 @@ def strategy_order(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["strategy"] for r in rows))
 
 
-def seed_curves(rows: Sequence[dict[str, Any]], metric: str, last_round: int) -> dict[str, dict[int, Curve]]:
-    """``{strategy: {seed: (frames, metric)}}`` over rounds 0..last_round."""
+def seed_curves(rows: Sequence[dict[str, Any]], metric: str, last_round: int,
+                x: str = "n_labeled") -> dict[str, dict[int, Curve]]:
+    """``{strategy: {seed: (x, metric)}}`` over rounds 0..last_round; x: labeled frames, or
+    an effort column (cumulative corrected pixels)."""
     points: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["round"] <= last_round:
-            points[r["strategy"]][r["seed"]].append((r["n_labeled"], r[metric]))
+            points[r["strategy"]][r["seed"]].append((r[x], r[metric]))
     curves: dict[str, dict[int, Curve]] = {}
     for strategy, per_seed in points.items():
         curves[strategy] = {}
@@ -61,13 +63,18 @@ def seed_curves(rows: Sequence[dict[str, Any]], metric: str, last_round: int) ->
     return curves
 
 
+#: The default baseline: random rounds, and in a cold-start comparison (arms INITIAL+STRATEGY,
+#: ``loop.initial_strategies``) random rounds after a random first batch.
+DEFAULT_BASELINES = ("random", "random+random")
+
+
 def check_baselines(rows: Sequence[dict[str, Any]], baselines: Sequence[str]) -> list[str]:
-    """``random`` (when the run has it) then each named baseline, once; a named one must exist."""
+    """The default baseline (when the run has it) then each named baseline, once; a named one must exist."""
     present = strategy_order(rows)
-    missing = [b for b in baselines if b != "random" and b not in present]
+    missing = [b for b in baselines if b not in DEFAULT_BASELINES and b not in present]
     if missing:
         raise InputError(f"baseline {missing[0]!r} is not a strategy of this run (strategies: {present})")
-    return list(dict.fromkeys(b for b in ["random", *baselines] if b in present))
+    return list(dict.fromkeys(b for b in [*DEFAULT_BASELINES, *baselines] if b in present))
 
 
 def paired_columns(values: dict[int, float], baseline: dict[int, float], prefix: str) -> dict[str, Any]:
@@ -132,20 +139,25 @@ def _reached(curves: dict[int, Curve], targets: dict[int, float]) -> dict[int, f
 
 def frames_to_target_table(rows: Sequence[dict[str, Any]], metric: str, baseline: str,
                            references: dict[int, float] | None = None,
-                           fractions: Sequence[float] = ()) -> list[dict[str, Any]]:
+                           fractions: Sequence[float] = (), *, x: str = "n_labeled",
+                           unit: str = "frames") -> list[dict[str, Any]]:
     """Labeled frames each strategy needs to reach a target, per seed on its own curve, and
     ``saved`` = 1 - mean frames / the baseline's mean frames (paired bootstrap interval).
 
     Targets, per seed: the baseline's metric at its largest budget (common rounds), and
     ``fraction x`` that seed's full-data reference. A seed that does not reach a target
     within its curve is counted in ``n_not_reached`` and the row has no mean.
+    ``x``/``unit``: another annotation cost along the curve, e.g. the cumulative corrected
+    pixels (``x="corrected_px_cum", unit="pixels"``): the columns say ``pixels_mean``,
+    ``within_pixels``, ... instead of frames, and the first target is the baseline's final value.
     """
     last = common_rounds(rows)
-    curves = seed_curves(rows, metric, last)
+    curves = seed_curves(rows, metric, last, x)
     if baseline not in curves:
         return []
     budget = int(max(xs[-1] for xs, _ in curves[baseline].values()))
-    targets = [(f"{baseline}'s {budget}-frame {METRIC_LABELS.get(metric, metric)}",
+    at = f"{budget}-frame" if unit == "frames" else "final"
+    targets = [(f"{baseline}'s {at} {METRIC_LABELS.get(metric, metric)}",
                 {s: float(ys[-1]) for s, (_, ys) in curves[baseline].items()})]
     for fraction in fractions if references else ():
         targets.append((f"{fraction:.0%} of the full-data {METRIC_LABELS.get(metric, metric)}",
@@ -157,7 +169,8 @@ def frames_to_target_table(rows: Sequence[dict[str, Any]], metric: str, baseline
             seeds = sorted(set(per_seed_target) & set(curves[strategy]))
             mine = _reached(curves[strategy], {s: per_seed_target[s] for s in seeds})
             within = int(max(curves[strategy][s][0][-1] for s in seeds)) if seeds else 0
-            out.append(_frames_row(label, strategy, baseline, seeds, mine, base, within))
+            row = _frames_row(label, strategy, baseline, seeds, mine, base, within)
+            out.append(row if unit == "frames" else {k.replace("frames", unit): v for k, v in row.items()})
     return out
 
 
@@ -188,34 +201,42 @@ def _frames_row(target: str, strategy: str, baseline: str, seeds: list[int], min
     return row
 
 
-def headline(table: Sequence[dict[str, Any]], baseline: str) -> list[str]:
-    """The first target's rows in words, one sentence per strategy other than the baseline."""
+def headline(table: Sequence[dict[str, Any]], baseline: str, unit: str = "frames") -> list[str]:
+    """The first target's rows in words, one sentence per strategy other than the baseline;
+    ``unit``: the table's (``frames``, or ``pixels`` for corrected pixels)."""
     if not table:
         return [f"No comparison: the run has no {baseline} curve to compare with."]
     first = table[0]["target"]
-    sentences = [_sentence(r, baseline) for r in table if r["target"] == first and r["strategy"] != baseline]
+    if unit != "frames":  # the sentence reads the frames table's column names
+        table = [{k.replace(unit, "frames"): v for k, v in r.items()} for r in table]
+    sentences = [_sentence(r, baseline, unit) for r in table if r["target"] == first and r["strategy"] != baseline]
     return sentences or [f"Only {baseline} in this run: no other strategy to compare with."]
 
 
-def _sentence(r: dict[str, Any], baseline: str) -> str:
+#: How a sentence names each unit: what is counted, and what fewer of them means.
+UNIT_WORDS = {"frames": ("frames", "annotations"), "pixels": ("corrected pixels", "corrected pixels")}
+
+
+def _sentence(r: dict[str, Any], baseline: str, unit: str = "frames") -> str:
+    counted, saving = UNIT_WORDS[unit]
     n = r["n_seeds"]
     if n == 0:
         return f"{r['strategy']}: no seed in common with {baseline}."
     if r["n_not_reached"]:
-        return (f"{r['strategy']} did not reach {r['target']} within {r['within_frames']} frames "
+        return (f"{r['strategy']} did not reach {r['target']} within {r['within_frames']:.0f} {counted} "
                 f"in {r['n_not_reached']} of {n} seed{'s' if n != 1 else ''}.")
     interval = (f"95% CI {r['frames_ci95_low']:.0f}-{r['frames_ci95_high']:.0f}" if n >= MIN_SEEDS_FOR_INTERVAL
                 else f"no interval with {n} seed{'s' if n != 1 else ''}")
-    text = f"{r['strategy']} reached {r['target']} with {r['frames_mean']:.0f} frames ({interval})"
+    text = f"{r['strategy']} reached {r['target']} with {r['frames_mean']:.0f} {counted} ({interval})"
     saved = r["saved"]
     if np.isnan(saved):
         return text + f"; {baseline} did not reach it in every seed, so no saving can be given."
     if saved == 0:
-        amount = f"as many annotations as {baseline}"
+        amount = f"as many {saving} as {baseline}"
     else:
-        amount = f"{abs(saved):.0%} {'fewer' if saved > 0 else 'more'} annotations than {baseline}"
+        amount = f"{abs(saved):.0%} {'fewer' if saved > 0 else 'more'} {saving} than {baseline}"
     # the baseline's own first crossing: a noisy curve can reach its last value before its last round
-    amount += f", which first reached it with {r['baseline_frames_mean']:.0f} frames ("
+    amount += f", which first reached it with {r['baseline_frames_mean']:.0f} {counted} ("
     if n >= MIN_SEEDS_FOR_INTERVAL:
         amount += f"saved 95% CI {r['saved_ci95_low']:.0%} to {r['saved_ci95_high']:.0%}; "
     floor = f", the smallest {n} seeds can give" if r["p"] <= r["smallest_p"] else ""

@@ -11,6 +11,11 @@ runs' manifests and models) and writes ``RUN/report/``:
                           the paired difference to each baseline (95% CI, p-value)
     round_differences.csv the paired difference to the baseline at every round
     frames_to_target.csv / .md  labeled frames to reach each target, annotation saved
+    effort.csv            per (strategy, round): corrected pixels and regions (the click proxy) of
+                          the round's picks, mean and std over seeds, and the cumulative pixels
+    effort_to_target.csv / .md, effort_curves.png  the same paired statistics in corrected pixels
+    forecast.csv          an inverse power law fitted per seed: Dice after one more round, frames
+                          to --target-dice (a band over seeds and residuals), or why not
     per_class_*.csv, per_class_aulc.md, per_class_curves.png   Dice per class
     per_video.csv / .md   how many frames each strategy picked from each video
     last_batch_*.png      the last query batch with the model's predicted masks
@@ -20,17 +25,13 @@ The area under the learning curve (AULC) is the trapezoid area of the metric ove
 the labeled-frame axis divided by that axis' span: the metric averaged over the
 budget, in the metric's units. All runs are compared over the rounds every run has
 completed, so a run that is further along does not get a larger area. The statistics
-(paired by seed) are ``report_statistics`` and ``statistics``; the figures ``report_figures``.
+(paired by seed) are ``comparisons`` and ``statistics``; the figures ``figures``.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
 import html
-import io
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from alges_dist.contact_sheet import contact_sheet
 from alges_dist.data.atomic import atomic_write_text
 from alges_dist.errors import InputError
-from alges_dist.handoff import contact_sheet, predict_masks
-from alges_dist.report_figures import plot_learning_curves, plot_per_class_curves
-from alges_dist.report_statistics import (
+from alges_dist.near_picks import near_pick_column
+from alges_dist.predictions import predict_masks
+from alges_dist.report.comparisons import (
     METRIC_LABELS,
     METRICS,
     SIGNIFICANCE_LEVEL,
@@ -55,9 +57,32 @@ from alges_dist.report_statistics import (
     per_class_round_table,
     round_differences,
 )
-from alges_dist.near_picks import near_pick_column
+from alges_dist.report.effort import (
+    EFFORT_X,
+    effort_table,
+    measured_rows,
+    round_corrections,
+    with_effort,
+)
+from alges_dist.report.figures import (
+    plot_effort_curves,
+    plot_learning_curves,
+    plot_per_class_curves,
+)
+from alges_dist.report.forecast import MIN_POINTS, MIN_R2, forecast_table
+from alges_dist.report.statistics import (
+    MAX_EXACT_SIGN_FLIPS,
+    MIN_SEEDS_FOR_INTERVAL,
+    aulc,
+)
+from alges_dist.report.tables import (
+    html_table,
+    img_tag,
+    markdown_table,
+    write_csv,
+    write_table,
+)
 from alges_dist.run_folder import RunLayout, read_results
-from alges_dist.statistics import MAX_EXACT_SIGN_FLIPS, MIN_SEEDS_FOR_INTERVAL, aulc
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +118,6 @@ def _order(rows: Sequence[dict[str, Any]], strategy: str) -> int:
     """Strategies in the order they first appear (the config's order)."""
     seen = list(dict.fromkeys(r["strategy"] for r in rows))
     return seen.index(strategy)
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-    return path
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def format_results(results_csv: Path) -> str:
@@ -171,7 +171,7 @@ def last_batches(run: Path, cfg: Any, queries: Any, out_dir: Path, *,
     layout = RunLayout(run)
     seed = cfg.loop.seeds[0]
     sheets = []
-    for strategy in cfg.loop.strategies:
+    for strategy in cfg.loop.arms:
         mine = queries.filter(pc.and_(pc.equal(queries["strategy"], strategy), pc.equal(queries["seed"], seed)))
         if mine.num_rows == 0:
             continue
@@ -205,27 +205,11 @@ def correction_table(run: Path, strategies: Sequence[str], seeds: Sequence[int],
                     seconds = c["annotation_seconds"]
                     rows.append({"strategy": strategy, "seed": seed, "round": r, "frames": c["n_frames"],
                                  "pixels_changed": c["pixels_changed"], "pct_changed": 100 * c["fraction_changed"],
+                                 "regions_changed": float("nan") if c.get("regions_changed") is None
+                                 else c["regions_changed"],
                                  "annotation_s": float("nan") if seconds is None else seconds,
                                  "s_per_frame": float("nan") if seconds is None else seconds / c["n_frames_timed"]})
     return rows
-
-
-def _img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}" style="max-width:100%">'
-
-
-def _html_table(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>(no rows)</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _write_table(rows: Sequence[dict[str, Any]], out: Path, name: str) -> None:
-    write_csv(rows, out / f"{name}.csv")
-    atomic_write_text(out / f"{name}.md", markdown_table(rows) + "\n")
 
 
 def _mean_by(rows: Sequence[dict[str, Any]], key: str, value: str) -> dict[Any, float]:
@@ -270,31 +254,86 @@ def _unevaluated_report(run: Path, cfg: Any, table: list[dict[str, Any]], out: P
     atomic_write_text(out / "headline.md", NOT_EVALUATED + "\n")
     atomic_write_text(out / "aulc.md", NOT_EVALUATED + "\n")
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
-    videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
-    _write_table(videos, out, "per_video")
+    videos = per_video_counts(run, queries, cfg.loop.arms, cfg.loop.seeds) if queries is not None else []
+    write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out, predict=predict) if queries is not None else []
     counts = [{k: r[k] for k in ("strategy", "round", "n_labeled", "n_seeds")} for r in table]
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>alges report</title></head><body>",
              f"<h1>Active-learning report: {html.escape(run.name)}</h1>", f"<p><b>{html.escape(NOT_EVALUATED)}</b></p>",
-             "<h2>Labeled frames per round</h2>" + _html_table(counts),
-             "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos)]
-    parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
-    effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
+             "<h2>Labeled frames per round</h2>" + html_table(counts),
+             "<h2>Frames picked per video (all seeds and rounds)</h2>" + html_table(videos)]
+    parts += [f"<h3>{html.escape(title)}</h3>{img_tag(path)}" for title, path in sheets]
+    effort = correction_table(run, cfg.loop.arms, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
-        parts.append("<h2>Correction effort</h2>" + _html_table(effort))
+        parts.append("<h2>Correction effort</h2>" + html_table(effort))
     atomic_write_text(out / "report.html", "\n".join([*parts, "</body></html>"]))
     return out / "report.html"
 
 
+def _effort_section(run: Path, rows: list[dict[str, Any]], metric: str, compared: list[str], baseline: str | None,
+                    ref_by_seed: dict[int, float], fractions: Sequence[float], out: Path) -> tuple[list[str], list[str]]:
+    """effort.csv, effort_to_target.csv / .md and effort_curves.png; the html parts and the
+    headline's effort sentences (none when no round of the run measured its correction effort)."""
+    corrections = round_corrections(run, rows)
+    for stale in ("effort.csv", "effort_to_target.csv", "effort_to_target.md", "effort_curves.png"):
+        (out / stale).unlink(missing_ok=True)  # from an earlier report of this folder, if any
+    if not corrections:
+        return ["<h2>Annotation effort</h2><p>No round of this run measured its correction effort (no "
+                "correction.csv: rounds labeled before it was recorded, or masks imported without "
+                "pre-annotations).</p>"], []
+    measured = measured_rows(with_effort(rows, corrections))
+    table = effort_table(with_effort(rows, corrections), metric)
+    write_csv(table, out / "effort.csv")
+    plot_effort_curves(table, out / "effort_curves.png", metric,
+                       reference=float(np.mean(list(ref_by_seed.values()))) if ref_by_seed else None)
+    effort = [f for b in compared for f in frames_to_target_table(measured, metric, b, ref_by_seed, fractions,
+                                                                   x=EFFORT_X, unit="pixels")]
+    write_table(effort, out, "effort_to_target")
+    sentences = headline([f for f in effort if f["baseline"] == baseline], baseline, unit="pixels") if baseline else []
+    label = html.escape(METRIC_LABELS.get(metric, metric))
+    parts = [
+        "<h2>Annotation effort</h2><p>What an annotator changes in the picking model's masks (its pre-annotation) "
+        "to make each picked frame's label: pixels whose class differs, and regions = connected areas of them "
+        "(8-neighbourhood), a proxy for clicks: one stroke or polygon per wrong area, whatever its size. The "
+        "simulated oracle measures them against the pool's masks, people's imports against what they were shown. "
+        "Round r's effort is that of the picks labeled after round r; the initial set (no model's masks, alike "
+        "for every arm) is not counted. Mean and std over seeds.</p>" + html_table(table),
+        f"<h3>Effort curve</h3>{img_tag(out / 'effort_curves.png')}",
+        f"<h3>Corrected pixels to target ({label})</h3><p>As frames to target, on each seed's curve of {label} "
+        "against the cumulative corrected pixels: pixels_mean to reach the target, saved = 1 - mean pixels / "
+        "the baseline's, paired by seed (bootstrap interval, sign-flip p).</p>" + html_table(effort)]
+    return parts, sentences
+
+
+def _forecast_section(rows: list[dict[str, Any]], metric: str, budget: int, target: float | None,
+                      ref_by_seed: dict[int, float], out: Path) -> list[str]:
+    """forecast.csv and its html part: the "when to stop" answer, an extrapolation."""
+    reference = float(np.mean(list(ref_by_seed.values()))) if ref_by_seed else None  # the default target
+    target = target if target is not None else reference
+    table = forecast_table(rows, target, budget, metric)
+    write_csv(table, out / "forecast.csv")
+    source = ("--target-dice" if target is not None and target != reference else
+              "the full-data reference's mean" if target is not None else "none")
+    return ["<h2>Forecast: when to stop (an extrapolation)</h2><p><b>A forecast, not a measurement:</b> each "
+            "seed's curve is fitted with an inverse power law Dice = a - b·n<sup>-c</sup> (a saturating learning "
+            "curve: a its ceiling) and extrapolated, unlike frames-to-target, which never goes beyond the measured "
+            f"rounds. frames_forecast: frames to reach the target ({html.escape(source)}), mean over seeds; "
+            "dice_next_round: the fitted Dice after one more round of loop.budget frames; low/high: 95% band of a "
+            "bootstrap over seeds and fit residuals. Refused, with the reason in note, below "
+            f"{MIN_POINTS} rounds, for a flat curve or a fit with R² below {MIN_R2}, or a target at or above the "
+            "fitted asymptote.</p>" + html_table(table)]
+
+
 def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
-                 target_fractions: Sequence[float] = TARGET_FRACTIONS, *,
+                 target_fractions: Sequence[float] = TARGET_FRACTIONS, target_dice: float | None = None, *,
                  predict: Callable[..., list[np.ndarray]] = predict_masks) -> Path:
     """Build ``RUN/report/`` from the run folder alone; returns the report.html path.
 
     baselines: strategies to compare with besides random (``alges report --baseline``);
-    target_fractions: frames-to-target at these fractions of the full-data reference.
-    predict: :func:`alges_dist.handoff.predict_masks` or a stand-in with its signature (``alges
+    target_fractions: frames-to-target at these fractions of the full-data reference;
+    target_dice: the forecast's target (``--target-dice``; default: the full-data reference's).
+    predict: :func:`alges_dist.predictions.predict_masks` or a stand-in with its signature (``alges
     run`` runs it on a warm Ray worker: the driver never imports torch, issue 24).
     """
     import pyarrow.parquet as pq
@@ -316,20 +355,24 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
     out.mkdir(exist_ok=True)
     table = round_table(rows)
     near_pick_column(table, run, cfg)  # picks near another pick or label of their video (issue 11)
-    _write_table(table, out, "rounds")
+    write_table(table, out, "rounds")
     if all(r[metric] is None for r in rows):
         return _unevaluated_report(run, cfg, table, out, predict=predict)
     areas = aulc_table(rows, metric, compared)
-    _write_table(areas, out, "aulc")
+    write_table(areas, out, "aulc")
 
     reference = read_results(layout.reference_results_path) if layout.reference_results_path.exists() else []
     ref_by_seed = {r["seed"]: r[metric] for r in reference}
     differences = [d for m in METRICS for d in round_differences(rows, m, baseline)] if baseline else []
     write_csv(differences, out / "round_differences.csv")
     frames = [f for b in compared for f in frames_to_target_table(rows, metric, b, ref_by_seed, target_fractions)]
-    _write_table(frames, out, "frames_to_target")
+    write_table(frames, out, "frames_to_target")
     sentences = headline([f for f in frames if f["baseline"] == baseline], baseline) if baseline else [
         "No comparison: the run has neither random nor a --baseline strategy."]
+    effort_parts, effort_sentences = _effort_section(run, rows, metric, compared, baseline, ref_by_seed,
+                                                     target_fractions, out)
+    sentences += effort_sentences
+    forecast_parts = _forecast_section(rows, metric, cfg.loop.budget, target_dice, ref_by_seed, out)
     atomic_write_text(out / "headline.md", "\n\n".join(sentences) + "\n")
     plot_learning_curves(
         table, out / "learning_curves.png", baseline=baseline,
@@ -345,7 +388,7 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
         class_table = per_class_round_table(per_class)
         write_csv(class_table, out / "per_class_rounds.csv")
         class_areas = per_class_aulc_table(per_class, compared)
-        _write_table(class_areas, out, "per_class_aulc")
+        write_table(class_areas, out, "per_class_aulc")
         class_ref = (_mean_by(read_results(layout.reference_per_class_path), "class_id", "dice")
                      if layout.reference_per_class_path.exists() else None)
         plot_per_class_curves(class_table, out / "per_class_curves.png", reference=class_ref)
@@ -353,12 +396,12 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
             "<h2>Per class</h2><p>The paper's Dice of each class on the test split (a class absent from an "
             "image's prediction and mask counts 1 there), mean ± std over seeds"
             f"{'; dashed: the full-data reference' if class_ref else ''}.</p>"
-            + _img_tag(out / "per_class_curves.png"),
-            "<h3>Area under each class's Dice curve</h3>" + _html_table(class_areas)]
+            + img_tag(out / "per_class_curves.png"),
+            "<h3>Area under each class's Dice curve</h3>" + html_table(class_areas)]
 
     queries = pq.read_table(run / "queries.parquet") if (run / "queries.parquet").exists() else None
-    videos = per_video_counts(run, queries, cfg.loop.strategies, cfg.loop.seeds) if queries is not None else []
-    _write_table(videos, out, "per_video")
+    videos = per_video_counts(run, queries, cfg.loop.arms, cfg.loop.seeds) if queries is not None else []
+    write_table(videos, out, "per_video")
     sheets = last_batches(run, cfg, queries, out, predict=predict) if queries is not None else []
 
     settings = {
@@ -378,35 +421,38 @@ def write_report(run: Path, metric: str = "dice", baselines: Sequence[str] = (),
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
         "th{background:#f2f2f2}</style></head><body>",
         f"<h1>Active-learning report: {html.escape(run.name)}</h1>",
-        _html_table([{"setting": k, "value": v} for k, v in settings.items()]),
+        html_table([{"setting": k, "value": v} for k, v in settings.items()]),
         "<h2>Headline: how many annotations does it save?</h2>"
         + "".join(f"<p><b>{html.escape(t)}</b></p>" for t in sentences),
-        f"<h2>Learning curves</h2>{_img_tag(out / 'learning_curves.png')}<p>{html.escape(reference_note)}</p>",
+        f"<h2>Learning curves</h2>{img_tag(out / 'learning_curves.png')}<p>{html.escape(reference_note)}</p>",
         f"<h2>Area under the learning curve ({label})</h2>"
         "<p>Trapezoid area over labeled frames divided by their span (the metric averaged over the budget), "
         "mean and std over seeds; vs_B is the mean over seeds of the paired difference to baseline B, with its "
         "95% interval (ci95_low, ci95_high; empty below 3 seeds) and p-value.</p>"
-        + _method_note(rows, baseline) + _html_table(areas),
+        + _method_note(rows, baseline) + html_table(areas),
         f"<h2>Frames to target ({label})</h2><p>Labeled frames each strategy needs to reach the target, per seed "
         "on its own curve, interpolated linearly between rounds and never beyond its last round (n_not_reached: "
         "seeds that end below the target within within_frames; then no mean is given). saved = 1 - mean "
         "frames / the baseline's mean frames, with a paired bootstrap interval; p: sign-flip test of the paired "
-        "frame differences.</p>" + _html_table(frames),
+        "frame differences.</p>" + html_table(frames),
         f"<h2>Paired difference to {html.escape(baseline or 'a baseline')} at each round</h2>"
         f"<p>★ on the curves: p &lt; {SIGNIFICANCE_LEVEL}, uncorrected for the number of rounds "
-        "(both metrics in round_differences.csv).</p>" + _html_table([d for d in differences if d["metric"] == metric]),
+        "(both metrics in round_differences.csv).</p>" + html_table([d for d in differences if d["metric"] == metric]),
+        *effort_parts,
+        *forecast_parts,
         *per_class_parts,
-        "<h2>Per round (mean and std over seeds)</h2>" + _html_table(table),
-        "<h2>Frames picked per video (all seeds and rounds)</h2>" + _html_table(videos),
+        "<h2>Per round (mean and std over seeds)</h2>" + html_table(table),
+        "<h2>Frames picked per video (all seeds and rounds)</h2>" + html_table(videos),
     ]
     if sheets:
         parts.append("<h2>Last query batch</h2>")
-        parts += [f"<h3>{html.escape(title)}</h3>{_img_tag(path)}" for title, path in sheets]
-    effort = correction_table(run, cfg.loop.strategies, cfg.loop.seeds, cfg.loop.n_rounds)
+        parts += [f"<h3>{html.escape(title)}</h3>{img_tag(path)}" for title, path in sheets]
+    effort = correction_table(run, cfg.loop.arms, cfg.loop.seeds, cfg.loop.n_rounds)
     if effort:
         write_csv(effort, out / "correction.csv")
-        parts.append("<h2>Correction effort</h2><p>Pixels annotators changed in the model's pre-annotations, "
-                     "and the annotation time the tool reported (blank: not reported).</p>" + _html_table(effort))
+        parts.append("<h2>Correction effort per run and round</h2><p>Pixels (and connected regions of them) "
+                     "changed from the model's pre-annotations, and the annotation time the tool reported (blank: "
+                     "not reported; the simulated oracle reports none).</p>" + html_table(effort))
     parts.append("</body></html>")
     atomic_write_text(out / "report.html", "\n".join(parts))
     log.info("report: %s", out / "report.html")

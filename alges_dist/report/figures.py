@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from alges_dist.data.atomic import atomic_path
-from alges_dist.report_statistics import METRIC_LABELS, METRICS, SIGNIFICANCE_LEVEL
+from alges_dist.report.comparisons import METRIC_LABELS, METRICS, SIGNIFICANCE_LEVEL
 
 FULL_DATA = "full data"
 
@@ -92,7 +92,7 @@ def plot_learning_curves(table: Sequence[dict[str, Any]], out_png: Path, metrics
 def plot_per_class_curves(table: Sequence[dict[str, Any]], out_png: Path, *,
                           reference: dict[int, float] | None = None, columns: int = 4) -> dict[str, dict[str, np.ndarray]]:
     """Small multiples: one panel per class, its Dice vs labeled frames per strategy (mean +- std
-    over seeds, ``report_statistics.per_class_round_table``), the full-data Dice of the class
+    over seeds, ``comparisons.per_class_round_table``), the full-data Dice of the class
     dashed. Returns ``{class_name: {strategy: (n, 2)}}`` as drawn."""
     plt = _pyplot()
     classes = list(dict.fromkeys((r["class_id"], r["class_name"]) for r in table))
@@ -118,6 +118,35 @@ def plot_per_class_curves(table: Sequence[dict[str, Any]], out_png: Path, *,
     fig.supxlabel("labeled frames", fontsize=9)
     fig.supylabel("test Dice (paper) of the class", fontsize=9)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out_png)
+    plt.close(fig)
+    return plotted
+
+
+def plot_effort_curves(table: Sequence[dict[str, Any]], out_png: Path, metric: str = "dice", *,
+                       reference: float | None = None) -> dict[str, np.ndarray]:
+    """The effort curve: test metric vs cumulative corrected pixels, one line per strategy
+    (means over seeds, ``effort.effort_table``; rounds without a measured effort left out),
+    the full-data value dashed. Returns ``{strategy: (n, 2)}`` as drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted: dict[str, np.ndarray] = {}
+    for strategy in dict.fromkeys(r["strategy"] for r in table):
+        pts = [(r["corrected_px_cum_mean"], r[f"{metric}_mean"]) for r in table if r["strategy"] == strategy
+               and np.isfinite(r["corrected_px_cum_mean"]) and np.isfinite(r[f"{metric}_mean"])]
+        if pts:
+            (line,) = ax.plot(*np.array(pts).T, marker="o", markersize=3, label=strategy)
+            plotted[strategy] = line.get_xydata()
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=FULL_DATA)
+        plotted[FULL_DATA] = np.array([[np.nan, reference]])
+    ax.set_xlabel("corrected pixels, cumulative (the picking models' masks vs the labels)")
+    ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n_seeds = max((r["n_seeds"] for r in table), default=0)
+    fig.suptitle(f"mean over {n_seeds} seed{'s' if n_seeds != 1 else ''}; the initial set is not counted", fontsize=9)
     fig.tight_layout()
     _save(fig, out_png)
     plt.close(fig)
