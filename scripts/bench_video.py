@@ -123,28 +123,11 @@ def store_reads(clip: Path, tmp: Path) -> list[dict[str, float]]:
         os.environ.update(server.environment({}))
         uri = "s3://bench/archive/clip.mp4"
         storage.write_bytes(uri, clip.read_bytes())
-        real_open = storage.open_input
         for start in range(0, len(times), VIDEO_CHUNK_FRAMES):
-            chunk, pulled = times[start:start + VIDEO_CHUNK_FRAMES], []
-
-            class Counting:
-                def __init__(self, inner):
-                    self.inner = inner
-
-                def read(self, n=-1):
-                    data = self.inner.read(n)
-                    pulled.append(len(data))
-                    return data
-
-                def __getattr__(self, name):
-                    return getattr(self.inner, name)
-
-            storage.open_input = lambda location: Counting(real_open(location))
-            try:
+            chunk = times[start:start + VIDEO_CHUNK_FRAMES]
+            with s3_server.counted_reads() as reads:
                 decoded = sum(rgb is not None for _, rgb, _ in iter_frames(uri, chunk))
-            finally:
-                storage.open_input = real_open
-            rows.append({"rows": len(chunk), "decoded": decoded, "read": sum(pulled),
+            rows.append({"rows": len(chunk), "decoded": decoded, "read": reads.total,
                          "gops": gop_bytes(clip, chunk[0], chunk[-1]), "file": clip.stat().st_size})
     return rows
 

@@ -91,3 +91,40 @@ class running:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=20)
+
+
+class _Counting:
+    """A file whose reads are recorded (the bytes a decoder pulls, GET by GET)."""
+
+    def __init__(self, inner, sizes: list[int]):
+        self.inner, self.sizes = inner, sizes
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.sizes.append(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+class counted_reads:
+    """``with counted_reads() as reads:`` every file ``alges_dist.storage.open_input`` opens meanwhile
+    records its reads; ``reads.total`` is the bytes read."""
+
+    def __enter__(self) -> counted_reads:
+        from alges_dist import storage
+
+        self.sizes: list[int] = []
+        self._real = storage.open_input
+        storage.open_input = lambda location: _Counting(self._real(location), self.sizes)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from alges_dist import storage
+
+        storage.open_input = self._real
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)

@@ -16,6 +16,7 @@ from alges_dist import storage
 from alges_dist.data.manifest import read_manifest
 from alges_dist.data.video import parse_video_uri, read_frame
 from cli_runs import FAST, sets
+from s3_server import counted_reads
 from video_fixtures import write_archive
 
 
@@ -66,32 +67,16 @@ def test_bytes_round_trip_listing_and_missing_objects(s3):
         storage.read_bytes("s3://unit/a/three.bin")
 
 
-def test_a_video_frame_read_from_the_store_is_the_local_frame_and_reads_a_part_of_the_file(s3, archive,
-                                                                                            monkeypatch):
+def test_a_video_frame_read_from_the_store_is_the_local_frame_and_reads_a_part_of_the_file(s3, archive):
     videos, _ = archive
     local = videos / "case1.mp4"
     uri = "s3://frames/archive/case1.mp4"
     storage.write_bytes(uri, local.read_bytes())
-    read = []
-    real_open = storage.open_input
-
-    class Counting:  # what the decoder pulls from the store, GET by GET
-        def __init__(self, inner):
-            self.inner = inner
-
-        def read(self, n=-1):
-            data = self.inner.read(n)
-            read.append(len(data))
-            return data
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-    monkeypatch.setattr(storage, "open_input", lambda location: Counting(real_open(location)))
     t = Fraction(7)
-    remote = read_frame(uri, t)
+    with counted_reads() as reads:
+        remote = read_frame(uri, t)
     np.testing.assert_array_equal(remote, read_frame(str(local), t))
-    assert 0 < sum(read) <= local.stat().st_size  # ranged reads: never more than the object
+    assert 0 < reads.total <= local.stat().st_size  # ranged reads: never more than the object
 
 
 def test_manifests_and_frames_in_the_store_read_as_local_ones(s3, archive, tmp_path):
