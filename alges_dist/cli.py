@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = f" ({stop})" if str(stop) else ""
         print(f"alges {args.command}: interrupted{cause} during {where}; nothing half-written counts as done: "
               f"rerun the same command to resume", file=sys.stderr)
-        log.warning("interrupted%s during %s", cause, where)
+        log.info("interrupted%s during %s", cause, where)  # run.log; the console has the line above, once
         code = 130
         return code
     except EXPECTED_ERRORS as exc:

@@ -143,7 +143,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(demo_manifest, tmp_path_factory):
-    """One uninterrupted `alges run` (a real process: cli_runs.REFERENCE_ARGS on the demo pool), shared
+    """One uninterrupted `alges run` (a real process: cli_runs.reference_args on the demo pool), shared
     by every test that compares an interrupted, killed or failed run's rerun with it. Returns the
     watched process (what it left behind) and its run folder."""
     from cli_runs import Watched, reference_args

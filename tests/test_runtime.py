@@ -64,6 +64,8 @@ def interrupt(out, demo_manifest, stage, signum):
     code, _, stderr = watched.wait(120)
     assert code == 130, stderr[-3000:]
     assert f"during {STRATEGY} seed 0 round 0: {stage}" in stderr and "rerun the same command to resume" in stderr
+    assert stderr.count("interrupted") == 1, stderr[-2000:]  # one line, not echoed by log handlers
+    assert "interrupted" in (out / "run.log").read_text()
     assert_left_nothing(watched, out)
     round0 = out / "initial" / "seed_0" / "round_00"
     assert not (round0 / ("model.pt" if stage == "train" else "scores.json")).exists()  # nothing half-done counts
