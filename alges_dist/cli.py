@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alges_dist.errors import AlgesError, InputError  # stdlib only: help stays fast
-from alges_dist.storage import as_location, is_uri  # stdlib only (pyarrow on use)
+from alges_dist.storage import as_path, is_uri  # stdlib only (pyarrow on use)
 
 log = logging.getLogger("alges_dist")
 
@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "folder", help="an image folder and a mask folder paired by file stem",
         description="Pair images/STEM.* with masks/STEM.*, decode and check every mask, write the manifest. "
         "Binary 0/255 masks need no flags (> 127 is class 1).")
-    folder.add_argument("--images", type=as_location, required=True, help="folder of RGB frames")
-    folder.add_argument("--masks", type=as_location, help="folder of masks with the same stems (omit for an unlabeled pool)")
-    folder.add_argument("--out", type=as_location, required=True, help="manifest to write (POOL.parquet)")
+    folder.add_argument("--images", type=as_path, required=True, help="folder of RGB frames")
+    folder.add_argument("--masks", type=as_path, help="folder of masks with the same stems (omit for an unlabeled pool)")
+    folder.add_argument("--out", type=as_path, required=True, help="manifest to write (POOL.parquet)")
     folder.add_argument("--class-map", help='mask value -> class id: "0:0,255:1", "0,0,0:0;255,0,0:1", ">127", '
                         "or a JSON/YAML file (see alges_dist.data.sources.parse_class_map)")
     folder.add_argument("--class-names", help="comma-separated class names for --class-map")
@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--videos", required=True, help="folder of videos (searched recursively) or a glob pattern")
     video.add_argument("--fps", default="1", help="frames per second of video to sample (default 1; 'native' = every "
                        "frame)")
-    video.add_argument("--out", type=as_location, required=True, help="manifest to write (POOL.parquet)")
-    video.add_argument("--masks", type=as_location,
+    video.add_argument("--out", type=as_path, required=True, help="manifest to write (POOL.parquet)")
+    video.add_argument("--masks", type=as_path,
                        help="folder of masks named FRAME_ID.png (rows without one stay unlabeled)")
     video.add_argument("--class-map", help="mask value -> class id, as for `ingest folder`")
     video.add_argument("--class-names", help="comma-separated class names for --class-map")
@@ -323,7 +323,7 @@ def _rounds(args: argparse.Namespace) -> int:
     from alges_dist.run_folder import RunFolderLock
 
     # --pool is an override like any other, so RUN/config.yaml records the pool used
-    pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else as_location(args.pool).resolve()}"]
+    pool_override = [] if args.pool is None else [f"data.pool={args.pool if args.pool == 'demo' else as_path(args.pool).resolve()}"]
     cfg = load_config(args.config, [*args.overrides, *pool_override])
     demo = None
     if cfg.data.pool == "demo":

@@ -198,14 +198,10 @@ class ObjectPath:
 
 
 def as_path(location: str | os.PathLike[str]) -> Path | ObjectPath:
-    """A ``Path`` for a local location, an :class:`ObjectPath` for a URI."""
+    """A ``Path`` for a local location, an :class:`ObjectPath` for a URI (also argparse's ``type=``
+    for paths that may be URIs: ``Path("s3://b/k")`` would drop a slash)."""
     text = os.fspath(location)
     return ObjectPath(text) if is_uri(text) else Path(text)
-
-
-def as_location(text: str) -> Path | ObjectPath:
-    """argparse ``type=`` for a path that may be a URI (``Path("s3://b/k")`` would drop a slash)."""
-    return as_path(text)
 
 
 def size_and_mtime(location: str | os.PathLike[str]) -> tuple[int | None, int | None]:
