@@ -282,8 +282,9 @@ def _effort_section(run: Path, rows: list[dict[str, Any]], metric: str, compared
         return ["<h2>Annotation effort</h2><p>No round of this run measured its correction effort (no "
                 "correction.csv: rounds labeled before it was recorded, or masks imported without "
                 "pre-annotations).</p>"], []
-    measured = measured_rows(with_effort(rows, corrections))
-    table = effort_table(with_effort(rows, corrections), metric)
+    rows = with_effort(rows, corrections)
+    measured = measured_rows(rows)
+    table = effort_table(rows, metric)
     write_csv(table, out / "effort.csv")
     plot_effort_curves(table, out / "effort_curves.png", metric,
                        reference=float(np.mean(list(ref_by_seed.values()))) if ref_by_seed else None)
